@@ -1,0 +1,198 @@
+//! Ansible binary module `incus_nftables_render`: discovers the domain
+//! bridges from Incus and renders the isolation ruleset to a file. It runs
+//! where the Incus socket is (the anklume container) and changes nothing on
+//! the host: applying is `firewall_router_apply`'s job, on the enforcer.
+
+use anklume_isolation::model::logging::RawLogging;
+use anklume_isolation::model::{
+    BridgePattern, DomainBridge, EndpointRef, IfName, LogSettings, PolicySpec, TableName, World,
+};
+use anklume_isolation::module::{self, Diff, Invocation, ModuleOptions, Outcome};
+use anklume_isolation::plan::{Capabilities, HostPlan, HostPlanInput};
+use anklume_isolation::runner::fs::{read_optional, write_atomic};
+use anklume_isolation::runner::incus::Incus;
+use anklume_isolation::runner::nft::Nft;
+use anklume_isolation::{render, sha256_hex};
+use anyhow::{bail, Context};
+use serde::Deserialize;
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+const DEFAULT_PATTERN: &str = "net-";
+const DEFAULT_TABLE: &str = "anklume";
+const DEFAULT_OUTPUT: &str = "/opt/anklume/nftables-isolation.nft";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Options {
+    target: Option<String>,
+    bridge_pattern: Option<String>,
+    bridges: Option<Vec<String>>,
+    admin_bridge: Option<String>,
+    table: Option<String>,
+    output_path: Option<PathBuf>,
+    validate: Option<String>,
+    policies: Option<Vec<Value>>,
+    logging: Option<RawLogging>,
+    project: Option<String>,
+}
+
+impl ModuleOptions for Options {
+    const NAMES: &'static [&'static str] = &[
+        "target",
+        "bridge_pattern",
+        "bridges",
+        "admin_bridge",
+        "table",
+        "output_path",
+        "validate",
+        "policies",
+        "logging",
+        "project",
+    ];
+}
+
+/// When to run `nft -c` on the rendered text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Validate {
+    /// When nft is installed here.
+    Auto,
+    /// Fail if nft is not installed.
+    Always,
+    Never,
+}
+
+fn main() {
+    module::run(render_module)
+}
+
+fn render_module(inv: &Invocation<Options>) -> anyhow::Result<Outcome> {
+    // Parse: every option into a validated type, before anything is read.
+    let opts = &inv.options;
+    match opts.target.as_deref().unwrap_or("host") {
+        "host" => {}
+        "router" => bail!(
+            "target \"router\" (the firewall VM's ruleset) is not implemented yet; use target \
+             \"host\""
+        ),
+        other => bail!("target {other:?} is unknown: use \"host\""),
+    }
+    let pattern = BridgePattern::new(opts.bridge_pattern.as_deref().unwrap_or(DEFAULT_PATTERN))?;
+    let table = TableName::new(opts.table.as_deref().unwrap_or(DEFAULT_TABLE))?;
+    let path = opts
+        .output_path
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_OUTPUT));
+    let validate = match opts.validate.as_deref().unwrap_or("auto") {
+        "auto" => Validate::Auto,
+        "always" => Validate::Always,
+        "never" => Validate::Never,
+        other => bail!("validate {other:?} is unknown: use auto, always or never"),
+    };
+    let explicit_bridges: Option<Vec<IfName>> = opts
+        .bridges
+        .as_ref()
+        .map(|names| names.iter().map(|n| IfName::new(n)).collect())
+        .transpose()
+        .context("option `bridges`")?;
+    let admin = opts
+        .admin_bridge
+        .as_deref()
+        .map(IfName::new)
+        .transpose()
+        .context("option `admin_bridge`")?;
+    let specs = PolicySpec::parse_all(opts.policies.as_deref().unwrap_or_default())?;
+    let logging = LogSettings::from_raw(&opts.logging.clone().unwrap_or_default())?;
+
+    // Discover: the bridges, and the machines only when a policy names one.
+    let incus = || Incus::find();
+    let bridges: Vec<DomainBridge> = match explicit_bridges {
+        Some(names) => names
+            .into_iter()
+            .map(|name| DomainBridge::new(name, &pattern))
+            .collect::<anyhow::Result<_>>()?,
+        None => incus()?.domain_bridges(&pattern)?,
+    };
+    let domain_names: BTreeSet<&str> = bridges.iter().map(|b| b.domain.as_str()).collect();
+    let names_a_machine = specs.iter().any(|spec| {
+        [&spec.from, &spec.to]
+            .into_iter()
+            .any(|end| matches!(end, EndpointRef::Named(n) if !domain_names.contains(n.as_str())))
+    });
+    let machines = if names_a_machine {
+        let bridge_set = bridges.iter().map(|b| b.bridge.clone()).collect();
+        incus()
+            .context("a network policy names something that is not a domain, so machines must be looked up in Incus")?
+            .machines(opts.project.as_deref(), &bridge_set)?
+    } else {
+        Vec::new()
+    };
+    let world = World::new(&bridges, &machines);
+    let policies = specs
+        .iter()
+        .map(|spec| world.resolve(spec))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+
+    // Plan and render: pure.
+    let nft = match validate {
+        Validate::Never => None,
+        Validate::Auto => Nft::find(),
+        Validate::Always => Some(Nft::find().context(
+            "validate is \"always\" but nft is not installed here: install nftables, or use \
+             validate \"auto\"",
+        )?),
+    };
+    let capabilities = nft.as_ref().map_or(Capabilities::ALL, Nft::probe);
+    let (plan, mut warnings) = HostPlan::build(HostPlanInput {
+        table,
+        pattern,
+        bridges: &bridges,
+        admin,
+        policies,
+        logging,
+        capabilities,
+    })?;
+    let content = render::host(&plan)?;
+    if let Some(nft) = &nft {
+        nft.check(&content)?;
+    } else if validate == Validate::Auto {
+        warnings.push("nft is not installed here: the ruleset was not checked with `nft -c` (it will be on the enforcer)".into());
+    }
+
+    // Act: write only when the content changed, never in check mode.
+    let previous = read_optional(&path)?;
+    let changed = previous.as_deref() != Some(content.as_str());
+    if changed && !inv.check_mode {
+        write_atomic(&path, &content, 0o644)?;
+    }
+
+    // Report.
+    let mut outcome = Outcome::new(changed);
+    outcome.warnings = warnings;
+    outcome.diff = Some(Diff {
+        before: previous.unwrap_or_default(),
+        after: content.clone(),
+        before_header: path.display().to_string(),
+        after_header: path.display().to_string(),
+    });
+    outcome
+        .set("path", path.display().to_string())
+        .set("sha256", sha256_hex(&content))
+        .set("bridges", plan.bridges().collect::<Vec<_>>())
+        .set("domains", &plan.domains)
+        .set("policies", &plan.policies)
+        .set("validated", nft.is_some())
+        .set("capabilities", capabilities)
+        .set(
+            "summary",
+            serde_json::json!({
+                "bridges": plan.domains.len(),
+                "admin_bridge": plan.admin,
+                "policies": plan.policies.len(),
+                "logging": plan.logging.is_some(),
+            }),
+        )
+        .set("content", content);
+    Ok(outcome)
+}

@@ -1,0 +1,370 @@
+//! The gate every ruleset passes before `nft` sees it on the enforcing side:
+//! it may touch our table and nothing else.
+//!
+//! Earlier implementations validated with line regexes, and `add rule inet
+//! incus`, `flush table inet incus`, `include` and `delete table ip filter`
+//! all passed. This is a tokenizer instead: it understands quoting, comments,
+//! line continuations, `;` separators and brace nesting, splits the text
+//! into top-level commands, and accepts a command only when its object is
+//! `inet <our table>`. Then `nft -c` checks the syntax for real.
+
+use crate::model::TableName;
+use anyhow::bail;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Token {
+    text: String,
+    quoted: bool,
+    line: usize,
+}
+
+/// A top-level command: its tokens (a `{ ... }` block is kept as tokens too)
+/// and the line it starts on.
+#[derive(Debug)]
+struct Command {
+    tokens: Vec<Token>,
+    line: usize,
+}
+
+/// Keywords that reach outside the file or outside any table, refused
+/// wherever they appear (nft accepts `include` and `define` inside blocks).
+const FORBIDDEN_ANYWHERE: &[(&str, &str)] = &[
+    ("include", "pulls in another file that was not reviewed"),
+    (
+        "define",
+        "defines variables; the rendered file never needs them",
+    ),
+    (
+        "redefine",
+        "defines variables; the rendered file never needs them",
+    ),
+    (
+        "undefine",
+        "defines variables; the rendered file never needs them",
+    ),
+];
+
+/// Verbs that may act on our own table.
+const TABLE_VERBS: &[&str] = &["add", "create", "delete", "flush", "insert", "replace"];
+
+/// Objects a verb may name; each is followed by `<family> <table> ...`.
+const OBJECTS: &[&str] = &[
+    "table",
+    "chain",
+    "rule",
+    "set",
+    "map",
+    "element",
+    "flowtable",
+    "counter",
+    "quota",
+    "limit",
+    "ct",
+    "secmark",
+    "synproxy",
+];
+
+/// Checks that `text` only touches `table inet <table>`. The error quotes
+/// the offending line.
+pub fn check_ruleset(text: &str, table: &TableName) -> anyhow::Result<()> {
+    let lines: Vec<&str> = text.lines().collect();
+    let quote = |line: usize| lines.get(line - 1).map(|l| l.trim()).unwrap_or("");
+    let tokens = tokenize(text)?;
+    for token in &tokens {
+        if token.quoted {
+            continue;
+        }
+        if let Some((word, why)) = FORBIDDEN_ANYWHERE.iter().find(|(w, _)| *w == token.text) {
+            bail!(
+                "line {}: `{}` is refused: `{word}` {why}",
+                token.line,
+                quote(token.line)
+            );
+        }
+        if token.text.starts_with('$') {
+            bail!(
+                "line {}: `{}` is refused: variables are not used in rendered rulesets",
+                token.line,
+                quote(token.line)
+            );
+        }
+    }
+    let commands = split_commands(tokens)?;
+    if commands.is_empty() {
+        bail!("the ruleset is empty: refusing to load nothing in place of table inet {table}");
+    }
+    let mut defines_table = false;
+    for command in &commands {
+        match check_command(command, table) {
+            Ok(is_definition) => defines_table |= is_definition,
+            Err(why) => bail!(
+                "line {}: `{}` is refused: {why}; only table inet {table} may be touched",
+                command.line,
+                quote(command.line)
+            ),
+        }
+    }
+    if !defines_table {
+        bail!("the ruleset never defines table inet {table}: it is not a rendered ruleset for this table");
+    }
+    Ok(())
+}
+
+/// Returns whether the command defines (creates or fills) our table.
+fn check_command(command: &Command, table: &TableName) -> Result<bool, String> {
+    let words: Vec<&str> = command.tokens.iter().map(|t| t.text.as_str()).collect();
+    let (verb, rest) = match words.first() {
+        Some(&"table") => ("add", &words[..]),
+        Some(verb) if TABLE_VERBS.contains(verb) => (*verb, &words[1..]),
+        Some(&"flush") | Some(&"list") | Some(&"reset") | Some(&"monitor") | Some(&"export")
+        | Some(&"import") | Some(&"describe") | Some(&"rename") | Some(&"destroy") => {
+            return Err(format!(
+                "`{}` is not a command a rendered ruleset uses",
+                words[0]
+            ));
+        }
+        Some(other) => return Err(format!("unknown command `{other}`")),
+        None => return Ok(false),
+    };
+    let object = rest.first().copied().unwrap_or("");
+    if object == "ruleset" {
+        return Err(format!("`{verb} ruleset` acts on every table"));
+    }
+    if !OBJECTS.contains(&object) {
+        return Err(format!("`{verb} {object}` is not an object of a table"));
+    }
+    // `ct helper`, `ct timeout`, `ct expectation` objects take one more word.
+    let spec_at = if object == "ct" { 2 } else { 1 };
+    let family = rest.get(spec_at).copied();
+    let name = rest.get(spec_at + 1).copied();
+    match (family, name) {
+        (Some("inet"), Some(name)) if name == table.as_str() => {}
+        (Some(family), Some(name))
+            if ["ip", "ip6", "inet", "arp", "bridge", "netdev"].contains(&family) =>
+        {
+            return Err(format!("it acts on table {family} {name}"));
+        }
+        (Some(name), _) => {
+            // No family given: nft then means `ip`, which is not ours.
+            return Err(format!(
+                "it names table {name} without a family (nft reads that as `ip {name}`)"
+            ));
+        }
+        (None, _) => return Err("it names no table".to_string()),
+    }
+    Ok(object == "table" && verb != "delete" && verb != "flush")
+}
+
+fn tokenize(text: &str) -> anyhow::Result<Vec<Token>> {
+    let mut tokens = Vec::new();
+    let mut chars = text.chars().peekable();
+    let mut line = 1;
+    let mut word = String::new();
+    let mut word_line = 1;
+    let flush = |word: &mut String, tokens: &mut Vec<Token>, line: usize| {
+        if !word.is_empty() {
+            tokens.push(Token {
+                text: std::mem::take(word),
+                quoted: false,
+                line,
+            });
+        }
+    };
+    while let Some(c) = chars.next() {
+        match c {
+            '#' => {
+                flush(&mut word, &mut tokens, word_line);
+                for c in chars.by_ref() {
+                    if c == '\n' {
+                        tokens.push(Token {
+                            text: "\n".into(),
+                            quoted: false,
+                            line,
+                        });
+                        line += 1;
+                        break;
+                    }
+                }
+            }
+            '"' => {
+                flush(&mut word, &mut tokens, word_line);
+                let start = line;
+                let mut s = String::new();
+                loop {
+                    match chars.next() {
+                        Some('"') => break,
+                        Some('\n') | None => {
+                            bail!("line {start}: unterminated quoted string")
+                        }
+                        Some(c) => s.push(c),
+                    }
+                }
+                tokens.push(Token {
+                    text: s,
+                    quoted: true,
+                    line: start,
+                });
+            }
+            '\\' if chars.peek() == Some(&'\n') => {
+                // Line continuation: the command goes on.
+                chars.next();
+                flush(&mut word, &mut tokens, word_line);
+                line += 1;
+            }
+            '\n' | ';' | '{' | '}' => {
+                flush(&mut word, &mut tokens, word_line);
+                tokens.push(Token {
+                    text: c.to_string(),
+                    quoted: false,
+                    line,
+                });
+                if c == '\n' {
+                    line += 1;
+                }
+            }
+            c if c.is_whitespace() || c == ',' => flush(&mut word, &mut tokens, word_line),
+            c => {
+                if word.is_empty() {
+                    word_line = line;
+                }
+                word.push(c);
+            }
+        }
+    }
+    flush(&mut word, &mut tokens, word_line);
+    Ok(tokens)
+}
+
+/// Splits tokens into top-level commands at newlines and `;` outside braces.
+fn split_commands(tokens: Vec<Token>) -> anyhow::Result<Vec<Command>> {
+    let mut commands = Vec::new();
+    let mut current: Vec<Token> = Vec::new();
+    let mut depth = 0usize;
+    // A command ends with its block: `table inet t { } flush ruleset` (joined
+    // by a line continuation) must not pass as one command on our table.
+    let mut block_closed = false;
+    for token in tokens {
+        let separator = !token.quoted && matches!(token.text.as_str(), "\n" | ";");
+        if block_closed && depth == 0 && !separator {
+            bail!(
+                "line {}: `{}` follows a closed block on the same command",
+                token.line,
+                token.text
+            );
+        }
+        if !token.quoted {
+            match token.text.as_str() {
+                "{" => depth += 1,
+                "}" => {
+                    depth = depth.checked_sub(1).ok_or_else(|| {
+                        anyhow::anyhow!("line {}: `}}` without a matching `{{`", token.line)
+                    })?;
+                    block_closed = depth == 0;
+                }
+                "\n" | ";" if depth == 0 => {
+                    block_closed = false;
+                    if !current.is_empty() {
+                        let line = current[0].line;
+                        commands.push(Command {
+                            tokens: std::mem::take(&mut current),
+                            line,
+                        });
+                    }
+                    continue;
+                }
+                "\n" | ";" => continue,
+                _ => {}
+            }
+        }
+        current.push(token);
+    }
+    if depth != 0 {
+        bail!("unbalanced braces: {depth} block(s) are never closed");
+    }
+    if !current.is_empty() {
+        let line = current[0].line;
+        commands.push(Command {
+            tokens: current,
+            line,
+        });
+    }
+    Ok(commands)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> TableName {
+        TableName::new("anklume").unwrap()
+    }
+
+    const GOOD: &str = "table inet anklume {}\ndelete table inet anklume\ntable inet anklume {\n\tset s { type ifname; elements = { \"net-a\", \"net-b\" } }\n\tchain c { type filter hook forward priority -1; policy accept; iifname @s drop; }\n}\n";
+
+    #[test]
+    fn accepts_a_rendered_ruleset() {
+        check_ruleset(GOOD, &table()).unwrap();
+    }
+
+    #[test]
+    fn accepts_commands_on_our_table() {
+        let text = "add table inet anklume\nadd chain inet anklume c { type filter hook forward priority -1; }\nadd rule inet anklume c drop\n";
+        check_ruleset(text, &table()).unwrap();
+    }
+
+    #[test]
+    fn refuses_everything_that_touches_another_table() {
+        let hostile = [
+            ("flush ruleset", "flush ruleset"),
+            ("add rule inet incus fwd drop", "inet incus"),
+            ("flush table inet incus", "inet incus"),
+            ("include \"/etc/evil.nft\"", "`include`"),
+            ("delete table ip filter", "ip filter"),
+            ("table ip anklume { }", "ip anklume"),
+            ("table anklume { }", "without a family"),
+            ("table inet anklume2 { }", "inet anklume2"),
+            ("list ruleset", "`list`"),
+            ("delete rule inet incus fwd handle 4", "inet incus"),
+            ("add element inet incus s { 1.2.3.4 }", "inet incus"),
+            ("table netdev anklume { }", "netdev anklume"),
+            ("define x = 1", "`define`"),
+            (
+                "add ct helper inet incus h { type \"ftp\" protocol tcp; }",
+                "inet incus",
+            ),
+            ("rename chain inet anklume a b", "`rename`"),
+        ];
+        for (line, expected) in hostile {
+            let text = format!("{GOOD}{line}\n");
+            let err = check_ruleset(&text, &table()).unwrap_err().to_string();
+            assert!(err.contains(expected), "{line}: {err}");
+            assert!(err.contains(&format!("line 7: `{line}`")), "{line}: {err}");
+        }
+    }
+
+    #[test]
+    fn hostile_text_hidden_in_blocks_or_after_separators_is_found() {
+        for text in [
+            "table inet anklume { include \"/x\" }",
+            "table inet anklume {}; flush ruleset",
+            "table inet anklume {} ; table inet incus { }",
+            "table inet anklume {\n}\n\\\nflush ruleset",
+        ] {
+            assert!(check_ruleset(text, &table()).is_err(), "{text}");
+        }
+    }
+
+    #[test]
+    fn quoted_and_commented_words_do_not_count() {
+        let text = "# flush ruleset\ntable inet anklume { chain c { log prefix \"include flush ruleset\" } }\n";
+        check_ruleset(text, &table()).unwrap();
+    }
+
+    #[test]
+    fn refuses_text_without_our_table_or_malformed() {
+        assert!(check_ruleset("", &table()).is_err());
+        assert!(check_ruleset("delete table inet anklume\n", &table()).is_err());
+        assert!(check_ruleset("table inet anklume {", &table()).is_err());
+        assert!(check_ruleset("table inet anklume { \"x }", &table()).is_err());
+    }
+}

@@ -1,0 +1,14 @@
+//! Validated types: everything the plan is built from. Nothing here spawns a
+//! process or touches a file.
+
+pub mod bridge;
+pub mod endpoint;
+pub mod logging;
+pub mod names;
+pub mod policy;
+
+pub use bridge::{domain_of, DomainBridge};
+pub use endpoint::{Endpoint, Machine, ResolvedPolicy, World};
+pub use logging::LogSettings;
+pub use names::{BridgePattern, IfName, Name, TableName};
+pub use policy::{EndpointRef, PolicySpec, PortSpan, Protocol, Traffic};

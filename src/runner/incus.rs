@@ -1,0 +1,277 @@
+//! Talking to Incus through its own client (`incus query`), as the anklume
+//! container does: the client handles the socket, remotes, projects and TLS.
+//! Parsing is split from querying so it can be tested on recorded JSON.
+
+use super::nft::{find_program, run_with_stdin};
+use crate::model::{BridgePattern, DomainBridge, IfName, Machine, Name};
+use anyhow::Context;
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::PathBuf;
+use std::process::Command;
+
+#[derive(Debug, Clone)]
+pub struct Incus {
+    program: PathBuf,
+}
+
+impl Incus {
+    pub fn find() -> anyhow::Result<Incus> {
+        find_program("incus")
+            .map(|program| Incus { program })
+            .context(
+                "the `incus` client is not installed here: run this module where the Incus \
+                 socket and client are (the anklume container), or give an explicit `bridges` \
+                 list",
+            )
+    }
+
+    /// `incus query <path>`: the REST API as JSON. Projects go in the URL
+    /// (`?project=P`): `incus query` refuses `--project`.
+    pub fn query(&self, path: &str) -> anyhow::Result<Value> {
+        let mut cmd = Command::new(&self.program);
+        cmd.args(["query", path]);
+        let out = run_with_stdin(cmd, None).with_context(|| format!("incus query {path}"))?;
+        serde_json::from_str(&out).with_context(|| format!("incus query {path}: invalid JSON"))
+    }
+
+    /// The managed bridges whose name starts with the pattern.
+    pub fn domain_bridges(&self, pattern: &BridgePattern) -> anyhow::Result<Vec<DomainBridge>> {
+        let networks = self.query("/1.0/networks?recursion=1")?;
+        parse_networks(&networks, pattern)
+    }
+
+    /// The same information for bridges named explicitly.
+    pub fn named_bridges(
+        &self,
+        names: &[IfName],
+        pattern: &BridgePattern,
+    ) -> anyhow::Result<Vec<DomainBridge>> {
+        let networks = self.query("/1.0/networks?recursion=1")?;
+        parse_named_networks(&networks, names, pattern)
+    }
+
+    /// Instances with a NIC on one of `bridges`, in one project or in all.
+    pub fn machines(
+        &self,
+        project: Option<&str>,
+        bridges: &BTreeSet<IfName>,
+    ) -> anyhow::Result<Vec<Machine>> {
+        let scope = match project {
+            Some(p) => format!("project={p}"),
+            None => "all-projects=true".to_string(),
+        };
+        let instances = self.query(&format!("/1.0/instances?recursion=2&{scope}"))?;
+        parse_instances(&instances, bridges)
+    }
+}
+
+fn config_str<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
+    v["config"][key]
+        .as_str()
+        .filter(|s| !s.is_empty() && *s != "none")
+}
+
+fn bridge_of(network: &Value, pattern: &BridgePattern) -> anyhow::Result<DomainBridge> {
+    let name = network["name"].as_str().unwrap_or_default();
+    let mut bridge = DomainBridge::new(IfName::new(name)?, pattern)?;
+    bridge.ipv4 = config_str(network, "ipv4.address")
+        .map(|a| a.parse())
+        .transpose()
+        .with_context(|| format!("network {name}: ipv4.address"))?;
+    bridge.ipv6 = config_str(network, "ipv6.address")
+        .map(|a| a.parse())
+        .transpose()
+        .with_context(|| format!("network {name}: ipv6.address"))?;
+    Ok(bridge)
+}
+
+fn managed_bridges(networks: &Value) -> impl Iterator<Item = &Value> {
+    networks
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|n| n["managed"] == true && n["type"] == "bridge")
+}
+
+/// `/1.0/networks?recursion=1` lists unmanaged host interfaces too (`eth0`,
+/// `lo`): only managed bridges matching the pattern are domains.
+pub fn parse_networks(
+    networks: &Value,
+    pattern: &BridgePattern,
+) -> anyhow::Result<Vec<DomainBridge>> {
+    managed_bridges(networks)
+        .filter(|n| n["name"].as_str().is_some_and(|name| pattern.matches(name)))
+        .map(|n| bridge_of(n, pattern))
+        .collect()
+}
+
+pub fn parse_named_networks(
+    networks: &Value,
+    names: &[IfName],
+    pattern: &BridgePattern,
+) -> anyhow::Result<Vec<DomainBridge>> {
+    let known: BTreeMap<&str, &Value> = managed_bridges(networks)
+        .filter_map(|n| n["name"].as_str().map(|name| (name, n)))
+        .collect();
+    names
+        .iter()
+        .map(|name| {
+            let network = known.get(name.as_str()).with_context(|| {
+                format!(
+                    "bridge {name} is not a managed Incus bridge (known: {})",
+                    known.keys().copied().collect::<Vec<_>>().join(", ")
+                )
+            })?;
+            bridge_of(network, pattern)
+        })
+        .collect()
+}
+
+/// Finds, for each instance, its NIC on a domain bridge and the addresses it
+/// holds there: the NIC's static `ipv4.address`/`ipv6.address`, plus the
+/// global addresses the running instance reports on that interface.
+pub fn parse_instances(
+    instances: &Value,
+    bridges: &BTreeSet<IfName>,
+) -> anyhow::Result<Vec<Machine>> {
+    let mut machines = Vec::new();
+    for instance in instances.as_array().into_iter().flatten() {
+        let Some(name) = instance["name"].as_str() else {
+            continue;
+        };
+        let project = instance["project"]
+            .as_str()
+            .unwrap_or("default")
+            .to_string();
+        let devices = instance["expanded_devices"]
+            .as_object()
+            .or_else(|| instance["devices"].as_object());
+        let mut nics: Vec<(IfName, BTreeSet<Ipv4Addr>, BTreeSet<Ipv6Addr>)> = Vec::new();
+        for (device_name, device) in devices.into_iter().flatten() {
+            if device["type"] != "nic" {
+                continue;
+            }
+            let network = device["network"]
+                .as_str()
+                .or_else(|| device["parent"].as_str())
+                .unwrap_or_default();
+            let Some(bridge) = bridges.iter().find(|b| b.as_str() == network) else {
+                continue;
+            };
+            let mut v4 = BTreeSet::new();
+            let mut v6 = BTreeSet::new();
+            if let Some(a) = device["ipv4.address"].as_str().and_then(|a| a.parse().ok()) {
+                v4.insert(a);
+            }
+            if let Some(a) = device["ipv6.address"].as_str().and_then(|a| a.parse().ok()) {
+                v6.insert(a);
+            }
+            // Inside the instance the interface is named after the device
+            // unless the device sets `name`.
+            let ifname = device["name"].as_str().unwrap_or(device_name);
+            let live = &instance["state"]["network"][ifname]["addresses"];
+            for address in live.as_array().into_iter().flatten() {
+                if address["scope"] != "global" {
+                    continue;
+                }
+                match address["address"].as_str().and_then(|a| a.parse().ok()) {
+                    Some(IpAddr::V4(a)) => {
+                        v4.insert(a);
+                    }
+                    Some(IpAddr::V6(a)) => {
+                        v6.insert(a);
+                    }
+                    None => {}
+                }
+            }
+            nics.push((bridge.clone(), v4, v6));
+        }
+        match nics.len() {
+            0 => continue,
+            1 => {
+                let (bridge, ipv4, ipv6) = nics.remove(0);
+                machines.push(Machine {
+                    name: Name::new("machine", name)?,
+                    project,
+                    bridge,
+                    ipv4,
+                    ipv6,
+                });
+            }
+            // An instance on several domain bridges (the firewall VM) is a
+            // router, not a policy endpoint: leave it out, so naming it in a
+            // policy fails with "unknown" instead of opening several bridges.
+            _ => continue,
+        }
+    }
+    Ok(machines)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn only_managed_bridges_matching_the_pattern_are_domains() {
+        let networks = json!([
+            {"name": "eth0", "managed": false, "type": "physical", "config": {}},
+            {"name": "incusbr0", "managed": true, "type": "bridge", "config": {"ipv4.address": "10.0.0.1/24"}},
+            {"name": "net-pro", "managed": true, "type": "bridge",
+             "config": {"ipv4.address": "10.1.1.1/24", "ipv6.address": "fd00:1::1/64"}},
+            {"name": "net-perso", "managed": true, "type": "bridge", "config": {"ipv4.address": "none"}},
+            {"name": "net-ovn", "managed": true, "type": "ovn", "config": {}},
+            {"name": "net-x", "managed": false, "type": "bridge", "config": {}}
+        ]);
+        let pattern = BridgePattern::new("net-").unwrap();
+        let found = parse_networks(&networks, &pattern).unwrap();
+        let names: Vec<&str> = found.iter().map(|b| b.bridge.as_str()).collect();
+        assert_eq!(names, ["net-pro", "net-perso"]);
+        assert_eq!(found[0].domain.as_str(), "pro");
+        assert_eq!(found[0].ipv4.unwrap().to_string(), "10.1.1.1/24");
+        assert_eq!(found[1].ipv4, None);
+    }
+
+    #[test]
+    fn explicit_names_must_be_managed_bridges() {
+        let networks = json!([{"name": "eth0", "managed": false, "type": "physical"}]);
+        let pattern = BridgePattern::new("net-").unwrap();
+        let err = parse_named_networks(&networks, &[IfName::new("eth0").unwrap()], &pattern)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a managed Incus bridge"), "{err}");
+    }
+
+    #[test]
+    fn machines_take_static_and_live_addresses_of_their_domain_nic() {
+        let instances = json!([
+            {"name": "pro-dev", "project": "lab",
+             "expanded_devices": {"eth0": {"type": "nic", "network": "net-pro", "ipv4.address": "10.1.1.10"},
+                                  "root": {"type": "disk"}},
+             "state": {"network": {"eth0": {"addresses": [
+                {"family": "inet", "address": "10.1.1.10", "scope": "global"},
+                {"family": "inet6", "address": "fd00:1::10", "scope": "global"},
+                {"family": "inet6", "address": "fe80::1", "scope": "link"}]}}}},
+            {"name": "stopped", "project": "lab",
+             "expanded_devices": {"eth0": {"type": "nic", "network": "net-pro"}}, "state": null},
+            {"name": "elsewhere", "project": "lab",
+             "expanded_devices": {"eth0": {"type": "nic", "network": "incusbr0"}}}
+        ]);
+        let bridges = BTreeSet::from([IfName::new("net-pro").unwrap()]);
+        let machines = parse_instances(&instances, &bridges).unwrap();
+        assert_eq!(machines.len(), 2);
+        let dev = &machines[0];
+        assert_eq!(dev.name.as_str(), "pro-dev");
+        assert_eq!(
+            dev.ipv4.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            ["10.1.1.10"]
+        );
+        assert_eq!(
+            dev.ipv6.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            ["fd00:1::10"]
+        );
+        assert!(machines[1].ipv4.is_empty() && machines[1].ipv6.is_empty());
+    }
+}
