@@ -105,7 +105,7 @@ impl<'a> World<'a> {
         let machines = self.machines.get(name.as_str());
         match (domain, machines.map(Vec::as_slice)) {
             (Some(_), Some([_, ..])) => bail!(
-                "{name:?} is both a domain and a machine name; rename one of them so the policy \
+                "\"{name}\" is both a domain and a machine name; rename one of them so the policy \
                  is not read wider or narrower than meant"
             ),
             (Some(d), _) => Ok(Endpoint::Domain {
@@ -115,7 +115,7 @@ impl<'a> World<'a> {
             (None, Some([m])) => {
                 if m.ipv4.is_empty() && m.ipv6.is_empty() {
                     bail!(
-                        "machine {name:?} has no address on {}: start it or give its NIC a \
+                        "machine \"{name}\" has no address on {}: start it or give its NIC a \
                          static ipv4.address, so the policy can name it exactly",
                         m.bridge
                     );
@@ -130,7 +130,7 @@ impl<'a> World<'a> {
             (None, Some(many)) if many.len() > 1 => {
                 let projects: Vec<&str> = many.iter().map(|m| m.project.as_str()).collect();
                 bail!(
-                    "machine name {name:?} exists in several projects ({}); set the module's \
+                    "machine name \"{name}\" exists in several projects ({}); set the module's \
                      `project` option to pick one",
                     projects.join(", ")
                 )
@@ -138,7 +138,7 @@ impl<'a> World<'a> {
             _ => {
                 let domains: Vec<&str> = self.domains.keys().copied().collect();
                 bail!(
-                    "{name:?} is not a known domain ({}) nor a machine on a domain bridge",
+                    "\"{name}\" is not a known domain ({}) nor a machine on a domain bridge",
                     domains.join(", ")
                 )
             }

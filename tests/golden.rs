@@ -1,0 +1,189 @@
+//! Golden rulesets: representative inputs rendered and compared byte for
+//! byte with `tests/golden/*.nft`, and every one of them checked by the real
+//! `nft -c` inside a throwaway user and network namespace (`unshare -rn`),
+//! so a quoting or syntax slip cannot hide behind a substring test.
+//!
+//! After an intended change to the output: `UPDATE_GOLDEN=1 cargo test
+//! --test golden`, then review the diff of `tests/golden/`.
+
+use anklume_isolation::model::logging::RawLogging;
+use anklume_isolation::model::{
+    BridgePattern, DomainBridge, IfName, LogSettings, Machine, Name, PolicySpec, TableName, World,
+};
+use anklume_isolation::plan::{Capabilities, HostPlan, HostPlanInput};
+use anklume_isolation::render;
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+struct Case {
+    name: &'static str,
+    bridges: &'static [&'static str],
+    admin: Option<&'static str>,
+    machines: Vec<Machine>,
+    policies: Value,
+    logging: bool,
+    capabilities: Capabilities,
+}
+
+impl Case {
+    fn new(name: &'static str) -> Self {
+        Case {
+            name,
+            bridges: &["net-anklume", "net-pro", "net-perso"],
+            admin: None,
+            machines: vec![],
+            policies: json!([]),
+            logging: false,
+            capabilities: Capabilities::ALL,
+        }
+    }
+}
+
+fn machine(name: &str, bridge: &str, v4: &[&str], v6: &[&str]) -> Machine {
+    Machine {
+        name: Name::new("machine", name).unwrap(),
+        project: "default".into(),
+        bridge: IfName::new(bridge).unwrap(),
+        ipv4: v4.iter().map(|a| a.parse().unwrap()).collect(),
+        ipv6: v6.iter().map(|a| a.parse().unwrap()).collect(),
+    }
+}
+
+fn render_case(case: &Case) -> String {
+    let pattern = BridgePattern::new("net-").unwrap();
+    let bridges: Vec<DomainBridge> = case
+        .bridges
+        .iter()
+        .map(|b| DomainBridge::new(IfName::new(b).unwrap(), &pattern).unwrap())
+        .collect();
+    let specs = PolicySpec::parse_all(case.policies.as_array().unwrap()).unwrap();
+    let world = World::new(&bridges, &case.machines);
+    let policies = specs.iter().map(|s| world.resolve(s).unwrap()).collect();
+    let logging = LogSettings::from_raw(&RawLogging {
+        enabled: Some(case.logging),
+        ..RawLogging::default()
+    })
+    .unwrap();
+    let (plan, _) = HostPlan::build(HostPlanInput {
+        table: TableName::new("anklume").unwrap(),
+        pattern,
+        bridges: &bridges,
+        admin: case.admin.map(|a| IfName::new(a).unwrap()),
+        policies,
+        logging,
+        capabilities: case.capabilities,
+    })
+    .unwrap();
+    render::host(&plan).unwrap()
+}
+
+fn cases() -> Vec<Case> {
+    vec![
+        Case::new("strict"),
+        Case {
+            admin: Some("net-anklume"),
+            ..Case::new("admin")
+        },
+        Case {
+            machines: vec![
+                machine("nas", "net-perso", &["10.20.0.10"], &[]),
+                machine("backup", "net-pro", &["10.10.0.20"], &["fd00:10::20"]),
+                machine("desk", "net-perso", &["10.20.0.11"], &["fd00:20::11"]),
+            ],
+            policies: json!([
+                {"description": "Pro reaches the perso web API", "from": "pro", "to": "perso",
+                 "ports": [8080, "9000-9010"], "protocol": "tcp"},
+                {"description": "Backup to the NAS over SSH", "from": "backup", "to": "nas", "ports": [22]},
+                {"from": "desk", "to": "pro", "ports": "all", "bidirectional": true},
+                {"from": "perso", "to": "host", "ports": [53, "5353-5354"], "protocol": "udp"},
+                {"from": "backup", "to": "host", "ports": "all"},
+                {"from": "anklume", "to": "pro", "ports": "all"}
+            ]),
+            ..Case::new("policies")
+        },
+        Case {
+            admin: Some("net-anklume"),
+            logging: true,
+            policies: json!([{"from": "pro", "to": "perso", "ports": [443]}]),
+            ..Case::new("logging")
+        },
+        Case {
+            logging: true,
+            capabilities: Capabilities {
+                log: false,
+                limit: true,
+                conntrack: false,
+            },
+            ..Case::new("degraded")
+        },
+    ]
+}
+
+fn nft_check(text: &str) -> Result<(), String> {
+    let mut child = Command::new("unshare")
+        .args(["-rn", "nft", "-c", "-f", "/dev/stdin"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            format!("cannot run `unshare -rn nft` (util-linux and nftables are needed): {e}")
+        })?;
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[test]
+fn golden_rulesets_match_and_pass_nft_check() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+    let update = std::env::var_os("UPDATE_GOLDEN").is_some();
+    let mut failures = Vec::new();
+    for case in cases() {
+        let text = render_case(&case);
+        let path = dir.join(format!("{}.nft", case.name));
+        if update {
+            std::fs::write(&path, &text).unwrap();
+        }
+        match std::fs::read_to_string(&path) {
+            Ok(golden) if golden == text => {}
+            Ok(_) => failures.push(format!(
+                "{}: rendered text differs from {} (UPDATE_GOLDEN=1 to accept)",
+                case.name,
+                path.display()
+            )),
+            Err(e) => failures.push(format!("{}: {e}", path.display())),
+        }
+        if let Err(err) = nft_check(&text) {
+            failures.push(format!("{}: nft -c refused it:\n{err}", case.name));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn nft_check_is_not_a_rubber_stamp() {
+    // The same check must refuse a broken ruleset, or the test above proves
+    // nothing: an unquoted log prefix with a space, as a past bug shipped.
+    let mut text = render_case(&Case {
+        logging: true,
+        ..Case::new("broken")
+    });
+    text = text.replacen(
+        "log prefix \"ANKLUME-DENY-ANKLUME: \"",
+        "log prefix ANKLUME DENY",
+        1,
+    );
+    assert!(nft_check(&text).is_err());
+}
