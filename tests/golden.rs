@@ -98,7 +98,10 @@ fn cases() -> Vec<Case> {
                 {"from": "desk", "to": "pro", "ports": "all", "bidirectional": true},
                 {"from": "perso", "to": "host", "ports": [53, "5353-5354"], "protocol": "udp"},
                 {"from": "backup", "to": "host", "ports": "all"},
-                {"from": "anklume", "to": "pro", "ports": "all"}
+                {"from": "anklume", "to": "pro", "ports": "all"},
+                {"description": "Both machines have IPv6: the widest concatenations", "from": "backup",
+                 "to": "desk", "ports": [443], "bidirectional": true},
+                {"from": "desk", "to": "pro", "ports": ["8443-8444"], "protocol": "udp"}
             ]),
             ..Case::new("policies")
         },

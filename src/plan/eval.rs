@@ -152,13 +152,15 @@ fn forward_allows<N: Ord>(
         .hosts
         .iter()
         .any(|(i, s, o, d)| i.as_str() == p.iif && o.as_str() == p.oif && src_in(s) && dst_in(d));
+    let port_in = |proto: &Protocol, span: &crate::model::PortSpan| {
+        p.l4.port(*proto).is_some_and(|port| span.contains(port))
+    };
     hosts
-        || sets.flows.iter().any(|(i, s, o, d, proto, span)| {
-            i.as_str() == p.iif
-                && o.as_str() == p.oif
-                && src_in(s)
-                && dst_in(d)
-                && p.l4.port(*proto).is_some_and(|port| span.contains(port))
+        || sets.to_machine.iter().any(|(i, s, d, proto, span)| {
+            i.as_str() == p.iif && src_in(s) && dst_in(d) && port_in(proto, span)
+        })
+        || sets.from_machine.iter().any(|(i, s, o, proto, span)| {
+            i.as_str() == p.iif && src_in(s) && o.as_str() == p.oif && port_in(proto, span)
         })
 }
 

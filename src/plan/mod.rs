@@ -39,14 +39,25 @@ impl Capabilities {
 
 /// Address-level exceptions for one IP family. A domain endpoint appears as
 /// the family's whole space (`0.0.0.0/0`, `::/0`) on its bridge, a machine as
-/// its own addresses (`/32`, `/128`) on its bridge: the bridge is always part
-/// of the key, so a machine's address never opens anything on another bridge.
+/// its own addresses (`/32`, `/128`): the source bridge is always part of the
+/// key, so an address spoofed from another bridge opens nothing.
+///
+/// Flows with ports come in two shapes because nft keeps a concatenation in
+/// 64 bytes of registers, and `ifname . ipv6_addr . ifname . ipv6_addr .
+/// inet_proto . inet_service` needs 72 (nft 1.0.6 aborts on it). Towards a
+/// machine, its exact address stands for the destination bridge: domain
+/// subnets never overlap (checked), so the route of that address is its
+/// bridge. From a machine to a domain, the destination bridge is the key.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
 pub struct AddressSets<N: Ord> {
     /// Forwarded, every protocol: `iifname . saddr . oifname . daddr`.
     pub hosts: BTreeSet<(IfName, N, IfName, N)>,
-    /// Forwarded, some ports: `... . meta l4proto . th dport`.
-    pub flows: BTreeSet<(IfName, N, IfName, N, Protocol, PortSpan)>,
+    /// Forwarded to a machine, some ports:
+    /// `iifname . saddr . daddr . meta l4proto . th dport`.
+    pub to_machine: BTreeSet<(IfName, N, N, Protocol, PortSpan)>,
+    /// Forwarded from a machine to a domain, some ports:
+    /// `iifname . saddr . oifname . meta l4proto . th dport`.
+    pub from_machine: BTreeSet<(IfName, N, IfName, Protocol, PortSpan)>,
     /// To the host itself, every protocol: `iifname . saddr`.
     pub host_open: BTreeSet<(IfName, N)>,
     /// To the host itself, some ports.
@@ -56,7 +67,8 @@ pub struct AddressSets<N: Ord> {
 impl<N: Ord> AddressSets<N> {
     pub fn is_empty(&self) -> bool {
         self.hosts.is_empty()
-            && self.flows.is_empty()
+            && self.to_machine.is_empty()
+            && self.from_machine.is_empty()
             && self.host_open.is_empty()
             && self.host_services.is_empty()
     }
@@ -262,14 +274,15 @@ impl HostPlan {
                     src.bridge().expect("non-host endpoint").clone(),
                     dst.bridge().expect("non-host endpoint").clone(),
                 );
+                let to_machine = matches!(dst, Endpoint::Machine { .. });
                 for s in nets_v4(src) {
                     for d in nets_v4(dst) {
-                        add_forward(&mut self.v4, &sb, s, &db, d, traffic);
+                        add_forward(&mut self.v4, (&sb, s), (&db, d), to_machine, traffic);
                     }
                 }
                 for s in nets_v6(src) {
                     for d in nets_v6(dst) {
-                        add_forward(&mut self.v6, &sb, s, &db, d, traffic);
+                        add_forward(&mut self.v6, (&sb, s), (&db, d), to_machine, traffic);
                     }
                 }
             }
@@ -279,7 +292,11 @@ impl HostPlan {
 
     fn element_count(&self) -> usize {
         fn family<N: Ord>(s: &AddressSets<N>) -> usize {
-            s.hosts.len() + s.flows.len() + s.host_open.len() + s.host_services.len()
+            s.hosts.len()
+                + s.to_machine.len()
+                + s.from_machine.len()
+                + s.host_open.len()
+                + s.host_services.len()
         }
         self.allowed_pairs.len() + self.allowed_services.len() + family(&self.v4) + family(&self.v6)
     }
@@ -312,12 +329,13 @@ fn add_host<N: Ord + Copy>(sets: &mut AddressSets<N>, bridge: &IfName, net: N, t
     }
 }
 
+/// `to_machine` tells which of the two port shapes applies (see
+/// [`AddressSets`]); a destination domain has `d` = the whole space.
 fn add_forward<N: Ord + Copy>(
     sets: &mut AddressSets<N>,
-    from: &IfName,
-    s: N,
-    to: &IfName,
-    d: N,
+    (from, s): (&IfName, N),
+    (to, d): (&IfName, N),
+    to_machine: bool,
     traffic: &Traffic,
 ) {
     match traffic {
@@ -326,8 +344,12 @@ fn add_forward<N: Ord + Copy>(
         }
         Traffic::Ports(proto, spans) => {
             for span in spans {
-                sets.flows
-                    .insert((from.clone(), s, to.clone(), d, *proto, *span));
+                if to_machine {
+                    sets.to_machine.insert((from.clone(), s, d, *proto, *span));
+                } else {
+                    sets.from_machine
+                        .insert((from.clone(), s, to.clone(), *proto, *span));
+                }
             }
         }
     }

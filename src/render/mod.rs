@@ -125,8 +125,8 @@ pub fn host_deny_chain_name(bridge: &IfName) -> String {
 /// `ip` or `ip6`, `addr` is `ipv4_addr` or `ipv6_addr`.
 struct Family<'a, N: Ord> {
     sets: &'a AddressSets<N>,
-    names: [&'static str; 4],
-    rules: [&'static str; 4],
+    names: [&'static str; 5],
+    rules: [&'static str; 5],
     addr: &'static str,
 }
 
@@ -134,8 +134,8 @@ fn family_views<N: Ord + Display>(
     f: Family<'_, N>,
     sets: &mut Vec<SetView>,
 ) -> (Vec<&'static str>, Vec<&'static str>) {
-    let [hosts_name, flows_name, open_name, services_name] = f.names;
-    let [hosts_rule, flows_rule, open_rule, services_rule] = f.rules;
+    let [hosts_name, to_machine_name, from_machine_name, open_name, services_name] = f.names;
+    let [hosts_rule, to_machine_rule, from_machine_rule, open_rule, services_rule] = f.rules;
     let mut forward = Vec::new();
     let mut host = Vec::new();
     if !f.sets.hosts.is_empty() {
@@ -153,25 +153,35 @@ fn family_views<N: Ord + Display>(
         });
         forward.push(hosts_rule);
     }
-    if !f.sets.flows.is_empty() {
+    if !f.sets.to_machine.is_empty() {
         sets.push(SetView {
-            name: flows_name,
-            why: "Policies naming a machine, with ports.",
-            type_: format!(
-                "ifname . {0} . ifname . {0} . inet_proto . inet_service",
-                f.addr
-            ),
+            name: to_machine_name,
+            why: "Policies with ports towards a machine: source bridge and address, the machine's own address (its route is its bridge: domain subnets never overlap).",
+            type_: format!("ifname . {0} . {0} . inet_proto . inet_service", f.addr),
             interval: true,
             elements: f
                 .sets
-                .flows
+                .to_machine
                 .iter()
-                .map(|(i, s, o, d, p, span)| {
-                    vec![name(i), raw(s), name(o), raw(d), proto(p), port(span)]
-                })
+                .map(|(i, s, d, p, span)| vec![name(i), raw(s), raw(d), proto(p), port(span)])
                 .collect(),
         });
-        forward.push(flows_rule);
+        forward.push(to_machine_rule);
+    }
+    if !f.sets.from_machine.is_empty() {
+        sets.push(SetView {
+            name: from_machine_name,
+            why: "Policies with ports from a machine to a whole domain: source bridge and address, destination bridge.",
+            type_: format!("ifname . {} . ifname . inet_proto . inet_service", f.addr),
+            interval: true,
+            elements: f
+                .sets
+                .from_machine
+                .iter()
+                .map(|(i, s, o, p, span)| vec![name(i), raw(s), name(o), proto(p), port(span)])
+                .collect(),
+        });
+        forward.push(from_machine_rule);
     }
     if !f.sets.host_open.is_empty() {
         sets.push(SetView {
@@ -248,10 +258,17 @@ pub fn host(plan: &HostPlan) -> anyhow::Result<String> {
         family_views(
             Family {
                 sets: &plan.v4,
-                names: ["allowed_hosts_v4", "allowed_flows_v4", "host_open_v4", "host_services_v4"],
+                names: [
+                    "allowed_hosts_v4",
+                    "to_machine_v4",
+                    "from_machine_v4",
+                    "host_open_v4",
+                    "host_services_v4",
+                ],
                 rules: [
                     "iifname . ip saddr . oifname . ip daddr @allowed_hosts_v4",
-                    "iifname . ip saddr . oifname . ip daddr . meta l4proto . th dport @allowed_flows_v4",
+                    "iifname . ip saddr . ip daddr . meta l4proto . th dport @to_machine_v4",
+                    "iifname . ip saddr . oifname . meta l4proto . th dport @from_machine_v4",
                     "iifname . ip saddr @host_open_v4",
                     "iifname . ip saddr . meta l4proto . th dport @host_services_v4",
                 ],
@@ -262,10 +279,17 @@ pub fn host(plan: &HostPlan) -> anyhow::Result<String> {
         family_views(
             Family {
                 sets: &plan.v6,
-                names: ["allowed_hosts_v6", "allowed_flows_v6", "host_open_v6", "host_services_v6"],
+                names: [
+                    "allowed_hosts_v6",
+                    "to_machine_v6",
+                    "from_machine_v6",
+                    "host_open_v6",
+                    "host_services_v6",
+                ],
                 rules: [
                     "iifname . ip6 saddr . oifname . ip6 daddr @allowed_hosts_v6",
-                    "iifname . ip6 saddr . oifname . ip6 daddr . meta l4proto . th dport @allowed_flows_v6",
+                    "iifname . ip6 saddr . ip6 daddr . meta l4proto . th dport @to_machine_v6",
+                    "iifname . ip6 saddr . oifname . meta l4proto . th dport @from_machine_v6",
                     "iifname . ip6 saddr @host_open_v6",
                     "iifname . ip6 saddr . meta l4proto . th dport @host_services_v6",
                 ],
