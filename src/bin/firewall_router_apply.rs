@@ -114,7 +114,7 @@ fn apply_module(inv: &Invocation<Options>) -> anyhow::Result<Outcome> {
             if unit_changed {
                 paths.install(text)?;
             }
-            if !persist::systemd_is_running() {
+            if unit_changed && !persist::systemd_is_running() {
                 warnings.push(format!(
                     "systemd is not running here: {} is installed and enabled for the next boot \
                      under systemd",

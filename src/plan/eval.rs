@@ -75,8 +75,10 @@ impl HostPlan {
         if self.conntrack {
             match p.ct {
                 CtState::Established => return Verdict::Accept,
-                CtState::Invalid => return Verdict::Drop,
-                CtState::New => {}
+                CtState::Invalid if self.is_domain(p.iif) || self.is_domain(p.oif) => {
+                    return Verdict::Drop
+                }
+                CtState::Invalid | CtState::New => {}
             }
         }
         let pair = |a: &str, b: &str| {

@@ -118,6 +118,12 @@ fn strict_isolation_allows_same_bridge_and_internet_only() {
         ..fwd(PRO, PRO, a, a, L4::Tcp(80))
     };
     assert_eq!(plan.forward_verdict(&invalid), Verdict::Drop);
+    // Invalid packets elsewhere are not ours to judge.
+    let elsewhere = Forwarded {
+        ct: CtState::Invalid,
+        ..fwd("docker0", "eth0", a, internet, L4::Tcp(80))
+    };
+    assert_eq!(plan.forward_verdict(&elsewhere), Verdict::Accept);
 }
 
 #[test]
