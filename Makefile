@@ -93,4 +93,5 @@ molecule: build
 
 .PHONY: bench
 bench:
-	cargo bench --locked
+	cargo build --release --locked --bins
+	cargo bench --locked --bench render

@@ -1,0 +1,195 @@
+//! Benchmarks for the performance bars of DESIGN.md section 6, measured side
+//! by side in one run (medians; the machines are small and noisy):
+//!
+//! - plan + render of 1000 domains and 1000 policies (bar: < 10 ms);
+//! - `nft -c` and `nft -f` of that ruleset inside a throwaway network
+//!   namespace (bar for `nft -f`: < 100 ms), next to the same domains written
+//!   as one rule per bridge pair, the design the sets replace;
+//! - the render module end to end (args, plan, render, `nft -c`, write) with
+//!   an explicit 1000-bridge list (bar: < 250 ms).
+//!
+//! Run with `make bench` (root: namespaces). Nothing outside the throwaway
+//! namespaces and a temporary directory is touched.
+
+use anklume_isolation::model::{BridgePattern, DomainBridge, IfName, PolicySpec, TableName, World};
+use anklume_isolation::plan::{Capabilities, HostPlan, HostPlanInput};
+use anklume_isolation::render;
+use serde_json::json;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const DOMAINS: usize = 1000;
+const POLICIES: usize = 1000;
+
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+fn time<T>(runs: usize, mut f: impl FnMut() -> T) -> Duration {
+    median(
+        (0..runs)
+            .map(|_| {
+                let start = Instant::now();
+                std::hint::black_box(f());
+                start.elapsed()
+            })
+            .collect(),
+    )
+}
+
+fn names() -> Vec<String> {
+    (0..DOMAINS).map(|i| format!("net-d{i}")).collect()
+}
+
+fn policies() -> Vec<serde_json::Value> {
+    (0..POLICIES)
+        .map(|i| {
+            let (a, b) = (i % DOMAINS, (i * 7 + 1) % DOMAINS);
+            json!({"from": format!("d{a}"), "to": format!("d{b}"),
+                   "ports": [1000 + (i % 500) as u16, format!("{}-{}", 20000 + i, 20010 + i)]})
+        })
+        .collect()
+}
+
+fn render_ruleset(bridges: &[DomainBridge], specs: &[PolicySpec]) -> String {
+    let world = World::new(bridges, &[]);
+    let resolved = specs.iter().map(|s| world.resolve(s).unwrap()).collect();
+    let (plan, _) = HostPlan::build(HostPlanInput {
+        table: TableName::new("anklume_bench").unwrap(),
+        pattern: BridgePattern::new("net-").unwrap(),
+        bridges,
+        admin: None,
+        policies: resolved,
+        logging: None,
+        capabilities: Capabilities::ALL,
+    })
+    .unwrap();
+    render::host(&plan).unwrap()
+}
+
+/// The design the sets replace: one drop rule per ordered pair of bridges.
+fn rule_per_pair(names: &[String]) -> String {
+    let mut text = String::from(
+        "table inet anklume_bench {}\ndelete table inet anklume_bench\ntable inet anklume_bench {\n\tchain isolation {\n\t\ttype filter hook forward priority -1; policy accept;\n\t\tct state established,related accept\n",
+    );
+    for a in names {
+        for b in names {
+            if a != b {
+                text.push_str(&format!("\t\tiifname \"{a}\" oifname \"{b}\" drop\n"));
+            }
+        }
+    }
+    text.push_str("\t}\n}\n");
+    text
+}
+
+/// `nft <flag> -f <file>` in a fresh network namespace, timed from outside
+/// (includes unshare's own start, measured alone below).
+fn nft_in_netns(flag: Option<&str>, path: &std::path::Path) -> Duration {
+    let start = Instant::now();
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--net", "--", "nft"]);
+    if let Some(flag) = flag {
+        cmd.arg(flag);
+    }
+    let status = cmd
+        .arg("-f")
+        .arg(path)
+        .stdout(Stdio::null())
+        .status()
+        .expect("unshare and nft are installed");
+    assert!(status.success(), "nft failed on {}", path.display());
+    start.elapsed()
+}
+
+fn main() {
+    let names = names();
+    let pattern = BridgePattern::new("net-").unwrap();
+    let bridges: Vec<DomainBridge> = names
+        .iter()
+        .map(|n| DomainBridge::new(IfName::new(n).unwrap(), &pattern).unwrap())
+        .collect();
+    let specs = PolicySpec::parse_all(&policies()).unwrap();
+
+    let render_time = time(30, || render_ruleset(&bridges, &specs));
+    let text = render_ruleset(&bridges, &specs);
+    println!(
+        "plan+render {DOMAINS} domains, {POLICIES} policies: median {:.2} ms ({} bytes, {} lines)",
+        render_time.as_secs_f64() * 1e3,
+        text.len(),
+        text.lines().count()
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let sets = dir.path().join("sets.nft");
+    std::fs::write(&sets, &text).unwrap();
+    let unshare_alone = time(9, || {
+        let ok = Command::new("unshare")
+            .args(["--net", "--", "true"])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "unshare --net needs root");
+    });
+    println!(
+        "unshare --net alone: median {:.1} ms (included in the nft figures below)",
+        unshare_alone.as_secs_f64() * 1e3
+    );
+    let check = time(9, || nft_in_netns(Some("-c"), &sets));
+    let load = time(9, || nft_in_netns(None, &sets));
+    println!(
+        "set design, {DOMAINS} bridges: nft -c median {:.1} ms, nft -f median {:.1} ms",
+        check.as_secs_f64() * 1e3,
+        load.as_secs_f64() * 1e3
+    );
+
+    // One rule per pair grows as N^2: measure it at 100 and 200 bridges
+    // (1000 would take minutes and gigabytes), next to the sets at the same N.
+    for n in [100usize, 200] {
+        let pairs = dir.path().join(format!("pairs{n}.nft"));
+        std::fs::write(&pairs, rule_per_pair(&names[..n])).unwrap();
+        let small_sets = dir.path().join(format!("sets{n}.nft"));
+        std::fs::write(&small_sets, render_ruleset(&bridges[..n], &[])).unwrap();
+        let pair_load = time(3, || nft_in_netns(None, &pairs));
+        let set_load = time(3, || nft_in_netns(None, &small_sets));
+        println!(
+            "{n} bridges: rule per pair ({} rules) nft -f median {:.1} ms; sets nft -f median {:.1} ms; ratio {:.1}x",
+            n * (n - 1),
+            pair_load.as_secs_f64() * 1e3,
+            set_load.as_secs_f64() * 1e3,
+            pair_load.as_secs_f64() / set_load.as_secs_f64()
+        );
+    }
+
+    // The module end to end, release build, explicit bridges (no Incus).
+    let module = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/release/incus_nftables_render");
+    if module.exists() {
+        let args = dir.path().join("args.json");
+        let out = dir.path().join("out.nft");
+        std::fs::write(
+            &args,
+            json!({"bridges": names, "policies": policies(), "table": "anklume_bench",
+                   "output_path": out, "validate": "always"})
+            .to_string(),
+        )
+        .unwrap();
+        let e2e = time(9, || {
+            let _ = std::fs::remove_file(&out);
+            let output = Command::new("unshare")
+                .args(["--net", "--"])
+                .arg(&module)
+                .arg(&args)
+                .output()
+                .unwrap();
+            assert!(String::from_utf8_lossy(&output.stdout).contains("\"failed\":false"));
+        });
+        println!(
+            "incus_nftables_render end to end ({DOMAINS} bridges, {POLICIES} policies, nft -c, write): median {:.1} ms",
+            e2e.as_secs_f64() * 1e3
+        );
+    } else {
+        println!("(build target/release/incus_nftables_render for the end-to-end figure: cargo build --release)");
+    }
+}
