@@ -848,10 +848,11 @@ main() {
   exec 9>"$RUN_DIR/lab.lock"
   if ! flock -w 600 9; then die "another lab.sh still holds $RUN_DIR/lab.lock"; fi
   case ${1:-} in
+    install) step_install ;;
     up) cmd_up ;;
     down) cmd_down ;;
     status) cmd_status ;;
-    *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+    *) echo "usage: $0 install|up|down|status" >&2; exit 2 ;;
   esac
 }
 
