@@ -11,7 +11,7 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 VENV      ?= /opt/anklume-lab/venv
-export PATH := $(VENV)/bin:$(HOME)/.cargo/bin:$(PATH)
+export PATH := $(VENV)/bin:$(or $(HOME),/root)/.cargo/bin:$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 
 MODULES   := incus_nftables_render firewall_router_apply
