@@ -2,7 +2,7 @@
 //! container does: the client handles the socket, remotes, projects and TLS.
 //! Parsing is split from querying so it can be tested on recorded JSON.
 
-use super::nft::{find_program, run_with_stdin};
+use super::process::{find_program, run_with_stdin};
 use crate::model::{BridgePattern, DomainBridge, IfName, Machine, Name};
 use anyhow::Context;
 use serde_json::Value;

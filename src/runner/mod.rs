@@ -5,3 +5,4 @@ pub mod fs;
 pub mod incus;
 pub mod nft;
 pub mod persist;
+pub mod process;

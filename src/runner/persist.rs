@@ -92,7 +92,7 @@ impl UnitPaths {
         if systemd_is_running() {
             let mut cmd = std::process::Command::new("systemctl");
             cmd.arg("daemon-reload");
-            super::nft::run_with_stdin(cmd, None).context("systemctl daemon-reload")?;
+            super::process::run_with_stdin(cmd, None).context("systemctl daemon-reload")?;
         }
         Ok(())
     }
