@@ -42,16 +42,6 @@ impl Incus {
         parse_networks(&networks, pattern)
     }
 
-    /// The same information for bridges named explicitly.
-    pub fn named_bridges(
-        &self,
-        names: &[IfName],
-        pattern: &BridgePattern,
-    ) -> anyhow::Result<Vec<DomainBridge>> {
-        let networks = self.query("/1.0/networks?recursion=1")?;
-        parse_named_networks(&networks, names, pattern)
-    }
-
     /// Instances with a NIC on one of `bridges`, in one project or in all.
     pub fn machines(
         &self,
@@ -104,28 +94,6 @@ pub fn parse_networks(
     managed_bridges(networks)
         .filter(|n| n["name"].as_str().is_some_and(|name| pattern.matches(name)))
         .map(|n| bridge_of(n, pattern))
-        .collect()
-}
-
-pub fn parse_named_networks(
-    networks: &Value,
-    names: &[IfName],
-    pattern: &BridgePattern,
-) -> anyhow::Result<Vec<DomainBridge>> {
-    let known: BTreeMap<&str, &Value> = managed_bridges(networks)
-        .filter_map(|n| n["name"].as_str().map(|name| (name, n)))
-        .collect();
-    names
-        .iter()
-        .map(|name| {
-            let network = known.get(name.as_str()).with_context(|| {
-                format!(
-                    "bridge {name} is not a managed Incus bridge (known: {})",
-                    known.keys().copied().collect::<Vec<_>>().join(", ")
-                )
-            })?;
-            bridge_of(network, pattern)
-        })
         .collect()
 }
 
@@ -232,16 +200,6 @@ mod tests {
         assert_eq!(found[0].domain.as_str(), "pro");
         assert_eq!(found[0].ipv4.unwrap().to_string(), "10.1.1.1/24");
         assert_eq!(found[1].ipv4, None);
-    }
-
-    #[test]
-    fn explicit_names_must_be_managed_bridges() {
-        let networks = json!([{"name": "eth0", "managed": false, "type": "physical"}]);
-        let pattern = BridgePattern::new("net-").unwrap();
-        let err = parse_named_networks(&networks, &[IfName::new("eth0").unwrap()], &pattern)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("not a managed Incus bridge"), "{err}");
     }
 
     #[test]
