@@ -6,7 +6,7 @@ use super::process::{find_program, run_with_stdin};
 use crate::model::{BridgePattern, DomainBridge, IfName, Machine, Name};
 use anyhow::Context;
 use serde_json::Value;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::process::Command;
