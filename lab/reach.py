@@ -36,6 +36,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 
 DEFAULT_PROJECT = "anklume-lab"
 NET_PREFIX = "lab-net-"
@@ -220,6 +221,10 @@ def run_probe(project, src, target, proto, port, family, addr):
             if who != target:
                 return "yes", f"{WRONG} {who!r}, not {target!r}"
             return "yes", f"answered by {who}"
+        if r.returncode == 0:
+            # wget said it succeeded but nothing came back through
+            # `incus exec`: inconclusive, probe again.
+            return "retry", "empty answer with exit 0"
     elif proto == "udp":
         if UDP_TOKEN in out:
             return "yes", "echo"
@@ -277,11 +282,15 @@ def run_probes(lab, probes, workers, retries=1):
         elif not src.running:
             p.outcome, p.detail = "error", f"source {p.src} is {src.status or 'not running'}"
         else:
-            for _ in range(1 + max(0, retries)):
+            for attempt in range(1 + max(0, retries)):
+                if attempt:
+                    time.sleep(0.5)
                 p.outcome, p.detail = run_probe(lab.project, p.src, p.dst, p.proto, p.port,
                                                 p.family, p.addr)
-                if p.outcome != "no":
+                if p.outcome not in ("no", "retry"):
                     break
+            if p.outcome == "retry":
+                p.outcome = "error"
         return p
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as ex:
@@ -477,9 +486,9 @@ def main(argv=None):
                     help="Incus project of the lab instances (default %(default)s)")
     ap.add_argument("--instances-from-project", action="store_true", default=True,
                     help="take the instance list from the project (default; always on)")
-    ap.add_argument("--workers", type=int, default=16, help="concurrent probes (default 16)")
-    ap.add_argument("--retries", type=int, default=1,
-                    help="re-run a probe that got no answer this many times (default 1)")
+    ap.add_argument("--workers", type=int, default=8, help="concurrent probes (default 8)")
+    ap.add_argument("--retries", type=int, default=2,
+                    help="re-run a probe that got no answer this many times (default 2)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("matrix", help="who reaches whom (icmp and tcp/80, v4 and v6)")
     m.add_argument("--json", action="store_true")
