@@ -116,8 +116,8 @@ fn check_command(command: &Command, table: &TableName) -> Result<bool, String> {
     let (verb, rest) = match words.first() {
         Some(&"table") => ("add", &words[..]),
         Some(verb) if TABLE_VERBS.contains(verb) => (*verb, &words[1..]),
-        Some(&"flush") | Some(&"list") | Some(&"reset") | Some(&"monitor") | Some(&"export")
-        | Some(&"import") | Some(&"describe") | Some(&"rename") | Some(&"destroy") => {
+        Some(&"list") | Some(&"reset") | Some(&"monitor") | Some(&"export") | Some(&"import")
+        | Some(&"describe") | Some(&"rename") | Some(&"destroy") => {
             return Err(format!(
                 "`{}` is not a command a rendered ruleset uses",
                 words[0]
