@@ -104,6 +104,12 @@ pub fn run_captured<F>(body: F) -> Result<Value, String>
 where
     F: FnOnce() -> anyhow::Result<Value>,
 {
+    // The panic hook is process-wide: hold this lock while ours is set, so
+    // two callers (tests run in parallel) never swap each other's hook.
+    static HOOK_LOCK: Mutex<()> = Mutex::new(());
+    let _hook_guard = HOOK_LOCK
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let panic_message = Arc::new(Mutex::new(None::<String>));
     let slot = Arc::clone(&panic_message);
     let previous_hook = panic::take_hook();
@@ -127,11 +133,13 @@ where
     match outcome {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(err)) => Err(format!("{err:#}")),
-        Err(_) => {
+        Err(payload) => {
             let detail = panic_message
                 .lock()
                 .ok()
                 .and_then(|guard| guard.clone())
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .or_else(|| payload.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".to_string());
             Err(format!(
                 "internal error (a bug, please report it): {detail}; nothing was changed \
