@@ -33,6 +33,7 @@ help:
 	@echo "make nftables-deploy pull the rendered file from the container, validate and apply it (CHECK=1: dry run)"
 	@echo "make matrix          print the lab's reachability matrix (real traffic)"
 	@echo "make bench           render and apply benchmarks"
+	@echo "make bench-forwarding  forwarding rates through 1000 domains, side by side"
 	@echo "make lab-up | lab-down | lab-status"
 
 # --- set-up ------------------------------------------------------------------
@@ -91,7 +92,11 @@ unit:
 molecule: build
 	for s in $(SCENARIOS); do molecule test -s $$s; done
 
-.PHONY: bench
+.PHONY: bench bench-forwarding
+# Forwarding through 1000 domains: sets vs no ruleset vs the linear designs
+# (network namespaces made and removed by the script).
+bench-forwarding:
+	bench/forwarding.sh
 bench:
 	cargo build --release --locked --bins
 	cargo bench --locked --bench render
