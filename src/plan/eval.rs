@@ -81,6 +81,11 @@ impl HostPlan {
                 CtState::Invalid | CtState::New => {}
             }
         }
+        // The early accepts: only domain-to-domain traffic is judged below.
+        let domainish = |ifname: &str| self.is_domain(ifname) || self.matches_wildcard(ifname);
+        if !domainish(p.iif) || !domainish(p.oif) {
+            return Verdict::Accept;
+        }
         let pair = |a: &str, b: &str| {
             self.allowed_pairs
                 .iter()
