@@ -38,14 +38,6 @@ impl Protocol {
             Protocol::Udp => "udp",
         }
     }
-
-    /// The IP protocol number, as the kernel sees it.
-    pub fn number(self) -> u8 {
-        match self {
-            Protocol::Tcp => 6,
-            Protocol::Udp => 17,
-        }
-    }
 }
 
 /// An inclusive port range; a single port is `first == last`.
@@ -135,8 +127,11 @@ impl Serialize for Traffic {
         match self {
             Traffic::All => s.serialize_str("all"),
             Traffic::Ports(proto, spans) => {
-                let text: Vec<String> = spans.iter().map(|p| format!("{proto:?}/{p}")).collect();
-                s.collect_str(&text.join(",").to_lowercase())
+                let text: Vec<String> = spans
+                    .iter()
+                    .map(|p| format!("{}/{p}", proto.as_str()))
+                    .collect();
+                s.collect_str(&text.join(","))
             }
         }
     }

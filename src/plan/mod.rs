@@ -304,15 +304,6 @@ impl HostPlan {
     pub fn bridges(&self) -> impl Iterator<Item = &IfName> {
         self.domains.keys()
     }
-
-    /// True when some exception lets a domain reach the host itself; the
-    /// renderer then keeps those accepts ahead of the host-input drop.
-    pub fn has_host_exceptions(&self) -> bool {
-        !(self.v4.host_open.is_empty()
-            && self.v4.host_services.is_empty()
-            && self.v6.host_open.is_empty()
-            && self.v6.host_services.is_empty())
-    }
 }
 
 fn add_host<N: Ord + Copy>(sets: &mut AddressSets<N>, bridge: &IfName, net: N, traffic: &Traffic) {
