@@ -255,29 +255,19 @@ fn host_policies_open_the_host_input_exactly() {
         l4,
         ct: CtState::New,
     };
-    // Own gateway (DNS, DHCP) always reachable.
-    assert_eq!(
-        plan.input_verdict(&to_host(PERSO, true, L4::Udp(53))),
-        Verdict::Accept
-    );
-    // The host's addresses elsewhere: closed, unless a policy opens them.
-    assert_eq!(
-        plan.input_verdict(&to_host(PERSO, false, L4::Tcp(22))),
-        Verdict::Drop
-    );
-    assert_eq!(
-        plan.input_verdict(&to_host(PRO, false, L4::Tcp(22))),
-        Verdict::Accept
-    );
-    assert_eq!(
-        plan.input_verdict(&to_host(PRO, false, L4::Tcp(23))),
-        Verdict::Drop
-    );
-    // Not a domain: untouched.
-    assert_eq!(
-        plan.input_verdict(&to_host("eth0", false, L4::Tcp(23))),
-        Verdict::Accept
-    );
+    for (iif, dst_on_iif, l4, expected) in [
+        // Own gateway (DNS, DHCP) always reachable.
+        (PERSO, true, L4::Udp(53), Verdict::Accept),
+        // The host's addresses elsewhere: closed, unless a policy opens them.
+        (PERSO, false, L4::Tcp(22), Verdict::Drop),
+        (PRO, false, L4::Tcp(22), Verdict::Accept),
+        (PRO, false, L4::Tcp(23), Verdict::Drop),
+        // Not a domain: untouched.
+        ("eth0", false, L4::Tcp(23), Verdict::Accept),
+    ] {
+        let packet = to_host(iif, dst_on_iif, l4);
+        assert_eq!(plan.input_verdict(&packet), expected, "{packet:?}");
+    }
 }
 
 #[test]
@@ -395,6 +385,23 @@ mod properties {
         }
     }
 
+    /// Whether some policy, read in its direction (or both when it is
+    /// bidirectional), admits the packet according to `admits(from, to, traffic)`.
+    fn some_policy(
+        policies: &[ResolvedPolicy],
+        admits: impl Fn(&Endpoint, &Endpoint, &Traffic) -> bool,
+    ) -> Verdict {
+        let allowed = policies.iter().any(|pol| {
+            admits(&pol.from, &pol.to, &pol.traffic)
+                || (pol.bidirectional && admits(&pol.to, &pol.from, &pol.traffic))
+        });
+        if allowed {
+            Verdict::Accept
+        } else {
+            Verdict::Drop
+        }
+    }
+
     /// The policies read directly: is this new forwarded packet allowed?
     fn oracle_forward(
         policies: &[ResolvedPolicy],
@@ -406,38 +413,22 @@ mod properties {
         if !(known_if(p.iif) && known_if(p.oif)) || p.iif == p.oif || admin == Some(p.iif) {
             return Verdict::Accept;
         }
-        let allowed = policies.iter().any(|pol| {
-            let one_way = |from: &Endpoint, to: &Endpoint| {
-                endpoint_matches(from, p.iif, p.src)
-                    && endpoint_matches(to, p.oif, p.dst)
-                    && traffic_matches(&pol.traffic, p.l4)
-            };
-            one_way(&pol.from, &pol.to) || (pol.bidirectional && one_way(&pol.to, &pol.from))
-        });
-        if allowed {
-            Verdict::Accept
-        } else {
-            Verdict::Drop
-        }
+        some_policy(policies, |from, to, traffic| {
+            endpoint_matches(from, p.iif, p.src)
+                && endpoint_matches(to, p.oif, p.dst)
+                && traffic_matches(traffic, p.l4)
+        })
     }
 
     fn oracle_host(policies: &[ResolvedPolicy], p: &ToHost<'_>) -> Verdict {
         if p.dst_on_iif {
             return Verdict::Accept;
         }
-        let allowed = policies.iter().any(|pol| {
-            let one_way = |from: &Endpoint, to: &Endpoint| {
-                *to == Endpoint::Host
-                    && endpoint_matches(from, p.iif, p.src)
-                    && traffic_matches(&pol.traffic, p.l4)
-            };
-            one_way(&pol.from, &pol.to) || (pol.bidirectional && one_way(&pol.to, &pol.from))
-        });
-        if allowed {
-            Verdict::Accept
-        } else {
-            Verdict::Drop
-        }
+        some_policy(policies, |from, to, traffic| {
+            *to == Endpoint::Host
+                && endpoint_matches(from, p.iif, p.src)
+                && traffic_matches(traffic, p.l4)
+        })
     }
 
     fn random_ports(rng: &mut Rng) -> Value {
@@ -470,28 +461,9 @@ mod properties {
                 let has_v6 = rng.chance(60) || !has_v4;
                 let a4 = format!("10.{i}.0.{}", 10 + m);
                 let a6 = format!("fd00:{i}::{}", 10 + m);
-                machines.push(machine(
-                    &format!("m{i}x{m}"),
-                    bridge,
-                    if has_v4 {
-                        std::slice::from_ref(&a4)
-                    } else {
-                        &[]
-                    }
-                    .iter()
-                    .map(String::as_str)
-                    .collect::<Vec<_>>()
-                    .as_slice(),
-                    if has_v6 {
-                        std::slice::from_ref(&a6)
-                    } else {
-                        &[]
-                    }
-                    .iter()
-                    .map(String::as_str)
-                    .collect::<Vec<_>>()
-                    .as_slice(),
-                ));
+                let v4: &[&str] = if has_v4 { &[&a4] } else { &[] };
+                let v6: &[&str] = if has_v6 { &[&a6] } else { &[] };
+                machines.push(machine(&format!("m{i}x{m}"), bridge, v4, v6));
             }
         }
         let endpoint_names: Vec<String> = (0..n_domains)
