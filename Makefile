@@ -13,6 +13,10 @@ SHELL := /bin/bash
 VENV      ?= /opt/anklume-lab/venv
 export PATH := $(VENV)/bin:$(or $(HOME),/root)/.cargo/bin:$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
+# Every cargo call goes through lab/cargo: the first toolchain that can build
+# the crate (rust-version, fmt, clippy), the one on PATH or Debian's
+# rustc-web/cargo-web that `make deps` installs when there is none.
+CARGO := $(CURDIR)/lab/cargo
 
 MODULES   := incus_nftables_render firewall_router_apply
 # Static binaries: a binary module must run on targets without our libc
@@ -27,7 +31,9 @@ CHECK_ARGS := $(if $(CHECK),--check --diff,)
 .PHONY: help
 help:
 	@echo "make demo            lab up, render in the anklume container, apply on the host, reachability matrix"
-	@echo "make test            every test: fmt, clippy, unit, golden, netns, ansible-lint, molecule"
+	@echo "make test            every test: fmt, clippy, unit, golden, netns, ansible-lint, shellcheck, ruff, reach.py unit, molecule"
+	@echo "make lint            fmt, clippy, ansible-lint, shellcheck, ruff, reach.py unit tests"
+	@echo "make deps            install what is missing (apt packages, Incus, the venv, a Rust toolchain)"
 	@echo "make build           build the binary modules into library/"
 	@echo "make nftables        render the ruleset inside the anklume container (changes nothing on the host)"
 	@echo "make nftables-deploy pull the rendered file from the container, validate and apply it (CHECK=1: dry run)"
@@ -44,7 +50,7 @@ deps:
 
 .PHONY: build
 build:
-	RUSTFLAGS='$(RUSTFLAGS_STATIC)' cargo build --release --locked --target $(TARGET) --bins
+	RUSTFLAGS='$(RUSTFLAGS_STATIC)' $(CARGO) build --release --locked --target $(TARGET) --bins
 	install -d library
 	for m in $(MODULES); do install -m 0755 target/$(TARGET)/release/$$m library/$$m; done
 
@@ -79,15 +85,22 @@ demo: lab-up build
 .PHONY: test lint unit molecule
 test: deps lint unit build molecule
 
+SHELL_SCRIPTS := $(wildcard lab/*.sh bench/*.sh) lab/cargo .ci/run
+
+# Every language in the repo: Rust, Ansible, shell, the lab's Python (ruff,
+# and the unit tests of reach.py's pure parts, which need no lab).
 lint:
-	cargo fmt --all -- --check
-	cargo clippy --locked --all-targets -- -D warnings
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --locked --all-targets -- -D warnings
 	ansible-lint
+	shellcheck $(SHELL_SCRIPTS)
+	ruff check lab/
+	python3 -m unittest discover -s lab -p 'test_*.py'
 
 # Unit, property, golden (nft -c in a throwaway namespace) and the apply
 # tests in named network namespaces (root).
 unit:
-	cargo test --locked
+	$(CARGO) test --locked
 
 molecule: build
 	for s in $(SCENARIOS); do molecule test -s $$s; done
@@ -98,5 +111,5 @@ molecule: build
 bench-forwarding:
 	bench/forwarding.sh
 bench:
-	cargo build --release --locked --bins
-	cargo bench --locked --bench render
+	$(CARGO) build --release --locked --bins
+	$(CARGO) bench --locked --bench render

@@ -38,7 +38,7 @@ cleanup() {
 trap cleanup EXIT
 
 [[ $(id -u) == 0 ]] || { echo "bench/forwarding.sh: run as root (network namespaces)" >&2; exit 1; }
-cargo build --release --quiet --example netload --bin incus_nftables_render
+"$(dirname "$0")/../lab/cargo" build --release --quiet --example netload --bin incus_nftables_render
 NETLOAD=$PWD/target/release/examples/netload
 RENDER=$PWD/target/release/incus_nftables_render
 
