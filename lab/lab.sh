@@ -57,11 +57,15 @@ INCUSD=/usr/libexec/incus/incusd
 INCUSD_PIDFILE=$RUN_DIR/incusd.pid
 UP_HTTPD_PIDFILE=$RUN_DIR/upstream-httpd.pid
 UP_UDP_PIDFILE=$RUN_DIR/upstream-udp.pid
+# Global forwarding switches the lab turns on (and Incus, for its bridges):
+# `up` records the values it found, `down` puts them back.
+FORWARDING_SYSCTLS=(/proc/sys/net/ipv4/ip_forward /proc/sys/net/ipv6/conf/all/forwarding)
+FORWARDING_SAVED=$RUN_DIR/forwarding.saved
 LAB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 READY_TIMEOUT=${LAB_READY_TIMEOUT:-60}
 
 APT_PACKAGES=(nftables debootstrap busybox-static iproute2 jq socat python3-venv
-  python3-pip make dnsmasq-base ca-certificates)
+  python3-pip make dnsmasq-base ca-certificates shellcheck)
 INCUS_PACKAGES=(incus incus-client)
 
 SYS_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
@@ -182,6 +186,9 @@ step_install() {
     die "/bin/busybox is dynamically linked: install busybox-static"
   fi
   step_venv
+  # Rust >= the crate's rust-version, with fmt and clippy (Debian's -web
+  # packages when none is there).
+  "$LAB_DIR/rust.sh" install
 }
 
 step_venv() {
@@ -705,9 +712,40 @@ step_check_egress() {
   done
 }
 
+# ------------------------------------------------------------- forwarding --
+# Only the first `up` records: a second one would see the lab's own values.
+save_forwarding() {
+  local f
+  [[ -e $FORWARDING_SAVED ]] && return 0
+  for f in "${FORWARDING_SYSCTLS[@]}"; do
+    if [[ -r $f ]]; then printf '%s %s
+' "$f" "$(<"$f")"; fi
+  done >"$FORWARDING_SAVED"
+}
+
+# restore_forwarding [<reason to keep>]: put the recorded values back, unless
+# something outside the lab still needs forwarding (then only say so).
+restore_forwarding() {
+  local f v
+  [[ -r $FORWARDING_SAVED ]] || return 0
+  if [[ -n ${1:-} ]]; then
+    log "keeping forwarding on: $1"
+  else
+    while read -r f v; do
+      [[ $f == /proc/sys/net/* && $v =~ ^[0-9]+$ && -w $f ]] || continue
+      if [[ $(<"$f") != "$v" ]]; then
+        log "restoring ${f#/proc/sys/} = $v"
+        echo "$v" >"$f"
+      fi
+    done <"$FORWARDING_SAVED"
+  fi
+  rm -f "$FORWARDING_SAVED"
+}
+
 # --------------------------------------------------------------- commands --
 cmd_up() {
   local t0=$SECONDS
+  save_forwarding
   step_install
   step_daemon
   step_pool
@@ -723,7 +761,7 @@ cmd_up() {
 }
 
 cmd_down() {
-  local fail=0 name fp p vol
+  local fail=0 name fp p vol keep_forwarding=
   if command -v incus >/dev/null && [[ -x $INCUSD ]]; then
     step_daemon
     if iexists "/1.0/projects/$LAB_PROJECT"; then
@@ -760,6 +798,9 @@ cmd_down() {
       log "deleting storage pool $LAB_POOL"
       quiet incus storage delete "$LAB_POOL" || fail=1
     fi
+    # Incus's other bridges route through the host: they keep forwarding.
+    keep_forwarding=$(iq "/1.0/networks?recursion=1" |
+      jq -r '[.[] | select(.managed) | .name] | if length > 0 then "Incus networks " + join(", ") else "" end')
   fi
 
   kill_pidfile "$UP_HTTPD_PIDFILE" httpd
@@ -767,6 +808,7 @@ cmd_down() {
   if ns_exists; then log "deleting namespace $UP_NS"; ip netns del "$UP_NS" || fail=1; fi
   if ip link show dev "$UP_VETH" >/dev/null 2>&1; then ip link del "$UP_VETH" || fail=1; fi
   rm -rf "$RUN_DIR/upstream-www"
+  restore_forwarding "$keep_forwarding"
 
   if command -v nft >/dev/null && nft list table inet "$LAB_NFT_TABLE" >/dev/null 2>&1; then
     log "deleting nft table inet $LAB_NFT_TABLE"
