@@ -57,7 +57,7 @@ class LabError(Exception):
 def incus_query(path):
     try:
         r = subprocess.run(["incus", "query", path], capture_output=True, text=True,
-                           timeout=QUERY_TIMEOUT, stdin=subprocess.DEVNULL)
+                           timeout=QUERY_TIMEOUT, stdin=subprocess.DEVNULL, check=False)
     except FileNotFoundError:
         raise LabError("the incus client is not installed") from None
     except subprocess.TimeoutExpired:
@@ -97,7 +97,7 @@ class Instance:
 def _ip_json(*args):
     try:
         r = subprocess.run(["ip", "-j", *args], capture_output=True, text=True, timeout=10,
-                           stdin=subprocess.DEVNULL)
+                           stdin=subprocess.DEVNULL, check=False)
     except (FileNotFoundError, subprocess.TimeoutExpired) as e:
         raise LabError(f"ip {' '.join(args)}: {e}") from None
     if r.returncode != 0:
@@ -200,20 +200,28 @@ def probe_command(proto, port, addr, family, target):
 
 def run_probe(project, src, target, proto, port, family, addr):
     """Run one probe inside src. Returns (outcome, detail)."""
-    cmd = ["incus", "exec", "--project", project, src, "--"] + \
-        probe_command(proto, port, addr, family, target)
+    cmd = ["incus", "exec", "--project", project, src, "--",
+           *probe_command(proto, port, addr, family, target)]
     try:
+        # check=False: the exit code is part of the outcome, read by classify().
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=EXEC_TIMEOUT,
-                           stdin=subprocess.DEVNULL)
+                           stdin=subprocess.DEVNULL, check=False)
     except subprocess.TimeoutExpired:
         return "no", "timeout"
-    out, err = r.stdout.strip(), r.stderr.strip().lower()
-    if r.returncode in (126, 127) or "can't execute" in err:
-        return "error", f"probe tool missing in {src}: {r.stderr.strip()}"
+    return classify(src, target, proto, r.returncode, r.stdout, r.stderr)
+
+
+def classify(src, target, proto, returncode, stdout, stderr):
+    """Outcome of one finished probe from its exit code and output: "yes",
+    "no", "closed", "retry" (inconclusive) or "error" (the probe could not
+    run). Pure, so the unit tests can feed it what busybox and socat print."""
+    out, err = stdout.strip(), stderr.strip().lower()
+    if returncode in (126, 127) or "can't execute" in err:
+        return "error", f"probe tool missing in {src}: {stderr.strip()}"
     if proto == "icmp":
-        return ("yes", "reply") if r.returncode == 0 else ("no", "no reply")
+        return ("yes", "reply") if returncode == 0 else ("no", "no reply")
     if proto == "tcp" and target.startswith("gw:"):
-        if r.returncode == 0:
+        if returncode == 0:
             return "yes", "connected"
     elif proto == "tcp":
         if out:
@@ -221,22 +229,21 @@ def run_probe(project, src, target, proto, port, family, addr):
             if who != target:
                 return "yes", f"{WRONG} {who!r}, not {target!r}"
             return "yes", f"answered by {who}"
-        if r.returncode == 0:
+        if returncode == 0:
             # wget said it succeeded but nothing came back through
             # `incus exec`: inconclusive, probe again.
             return "retry", "empty answer with exit 0"
-    elif proto == "udp":
-        if UDP_TOKEN in out:
-            return "yes", "echo"
+    elif proto == "udp" and UDP_TOKEN in out:
+        return "yes", "echo"
     if any(m in err for m in REFUSED_MARKERS):
         return "closed", "refused (path open, nothing listening)"
     if proto == "udp":
         return "no", "no echo"
-    if r.returncode in (124, 143) or "timed out" in err:
+    if returncode in (124, 143) or "timed out" in err:
         return "no", "timeout"
     if "unreachable" in err or "no route" in err:
         return "no", "unreachable"
-    return "no", (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1][:80]
+    return "no", (stderr.strip().splitlines() or [f"exit {returncode}"])[-1][:80]
 
 
 class Probe:
@@ -334,7 +341,7 @@ def cmd_matrix(lab, args):
             raise LabError(f"unknown instances: {', '.join(unknown)}")
         names = [n for n in names if n in wanted]
     sources = [n for n in names if lab.instances[n].busybox and lab.instances[n].running]
-    dests = names + ["upstream"]
+    dests = [*names, "upstream"]
     probes = [Probe(s, d, proto, port, fam)
               for s in sources for d in dests if d != s
               for proto, port, fam in MATRIX_PROBES]
@@ -366,10 +373,15 @@ def cmd_matrix(lab, args):
     first = max([len("from \\ to")] + [len(r[0]) for r in rows])
     widths = [max(len(head[i]), len(sub[i]), *(len(r[i + 1]) for r in rows))
               for i in range(len(dests))]
-    print("from \\ to".ljust(first) + "  " + "  ".join(h.ljust(w) for h, w in zip(head, widths)))
-    print("".ljust(first) + "  " + "  ".join(h.ljust(w) for h, w in zip(sub, widths)))
+
+    def line(left, cells):
+        return left.ljust(first) + "  " + "  ".join(
+            c.ljust(w) for c, w in zip(cells, widths, strict=True))
+
+    print(line("from \\ to", head))
+    print(line("", sub))
     for r in rows:
-        print(r[0].ljust(first) + "  " + "  ".join(c.ljust(w) for c, w in zip(r[1:], widths)))
+        print(line(r[0], r[1:]))
     print("cells: icmp v4+v6 and tcp/80 v4+v6 ('yes' = all four answered)")
     errors = [p for p in probes if p.outcome == "error"]
     for p in errors:
