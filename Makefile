@@ -31,8 +31,9 @@ CHECK_ARGS := $(if $(CHECK),--check --diff,)
 .PHONY: help
 help:
 	@echo "make demo            lab up, render in the anklume container, apply on the host, reachability matrix"
-	@echo "make test            every test: fmt, clippy, unit, golden, netns, ansible-lint, shellcheck, ruff, reach.py unit, molecule"
+	@echo "make test            every test: fmt, clippy, unit, golden, netns, ansible-lint, shellcheck, ruff, reach.py unit, toolchain choice, molecule"
 	@echo "make lint            fmt, clippy, ansible-lint, shellcheck, ruff, reach.py unit tests"
+	@echo "make test-toolchain  build the modules with Debian's Rust toolchain alone (hides ~/.cargo/bin)"
 	@echo "make deps            install what is missing (apt packages, Incus, the venv, a Rust toolchain)"
 	@echo "make build           build the binary modules into library/"
 	@echo "make nftables        render the ruleset inside the anklume container (changes nothing on the host)"
@@ -82,10 +83,10 @@ demo: lab-up build
 
 # --- tests ---------------------------------------------------------------------
 
-.PHONY: test lint unit molecule
-test: deps lint unit build molecule
+.PHONY: test lint unit molecule toolchain test-toolchain
+test: deps lint toolchain unit build molecule
 
-SHELL_SCRIPTS := $(wildcard lab/*.sh bench/*.sh) lab/cargo .ci/run
+SHELL_SCRIPTS := $(wildcard lab/*.sh bench/*.sh tests/*.sh) lab/cargo .ci/run
 
 # Every language in the repo: Rust, Ansible, shell, the lab's Python (ruff,
 # and the unit tests of reach.py's pure parts, which need no lab).
@@ -96,6 +97,14 @@ lint:
 	shellcheck $(SHELL_SCRIPTS)
 	ruff check lab/
 	python3 -m unittest discover -s lab -p 'test_*.py'
+
+# The Rust toolchain choice as a machine without rustup sees it (PATH
+# without ~/.cargo/bin): seconds. test-toolchain also builds the static
+# modules with Debian's toolchain alone (~2 min, not part of `make test`).
+toolchain:
+	tests/toolchain.sh
+test-toolchain:
+	tests/toolchain.sh --build
 
 # Unit, property, golden (nft -c in a throwaway namespace) and the apply
 # tests in named network namespaces (root).
