@@ -19,7 +19,9 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # Where Debian's packages put the toolchain (a test points it elsewhere).
 SYSTEM_DIR=${ANKLUME_SYSTEM_RUST_DIR:-/usr/bin}
-DEBIAN_RUST_PACKAGES=(rustc-web cargo-web rustfmt-web rust-web-clippy gcc libc6-dev)
+# cargo fetches crates over HTTPS: without ca-certificates (not pulled in by
+# cargo-web with --no-install-recommends) every download fails.
+DEBIAN_RUST_PACKAGES=(rustc-web cargo-web rustfmt-web rust-web-clippy gcc libc6-dev ca-certificates)
 
 log() { printf 'rust: %s\n' "$*" >&2; }
 die() { printf 'rust: ERROR: %s\n' "$*" >&2; exit 1; }
