@@ -34,6 +34,7 @@ help:
 	@echo "make test            every test: fmt, clippy, unit, golden, netns, ansible-lint, shellcheck, ruff, reach.py unit, toolchain choice, molecule"
 	@echo "make lint            fmt, clippy, ansible-lint, shellcheck, ruff, reach.py unit tests"
 	@echo "make test-toolchain  build the modules with Debian's Rust toolchain alone (hides ~/.cargo/bin)"
+	@echo "make test-toolchain-chroot  the same in a clean debootstrapped Debian 12"
 	@echo "make deps            install what is missing (apt packages, Incus, the venv, a Rust toolchain)"
 	@echo "make build           build the binary modules into library/"
 	@echo "make nftables        render the ruleset inside the anklume container (changes nothing on the host)"
@@ -83,7 +84,7 @@ demo: lab-up build
 
 # --- tests ---------------------------------------------------------------------
 
-.PHONY: test lint unit molecule toolchain test-toolchain
+.PHONY: test lint unit molecule toolchain test-toolchain test-toolchain-chroot
 test: deps lint toolchain unit build molecule
 
 SHELL_SCRIPTS := $(wildcard lab/*.sh bench/*.sh tests/*.sh) lab/cargo .ci/run
@@ -105,6 +106,11 @@ toolchain:
 	tests/toolchain.sh
 test-toolchain:
 	tests/toolchain.sh --build
+# A clean debootstrapped Debian 12 (chroot): the toolchain step of `make
+# deps`, `make build`, fmt and clippy there (~5 min, Debian's mirror and
+# crates.io; not part of `make test`).
+test-toolchain-chroot:
+	tests/toolchain-chroot.sh
 
 # Unit, property, golden (nft -c in a throwaway namespace) and the apply
 # tests in named network namespaces (root).

@@ -40,6 +40,13 @@ deb $MIRROR bookworm-updates main
 deb $SECURITY bookworm-security main
 EOF
 cp /etc/resolv.conf "$root/etc/resolv.conf"
+# The host's own certificate authorities (an HTTPS proxy's, say): the chroot
+# shares the host's network, so it needs the host's trust to reach crates.io.
+# ca-certificates (installed with the toolchain) folds them into its bundle.
+if compgen -G '/usr/local/share/ca-certificates/*.crt' >/dev/null; then
+  mkdir -p "$root/usr/local/share/ca-certificates"
+  cp /usr/local/share/ca-certificates/*.crt "$root/usr/local/share/ca-certificates/"
+fi
 mount -t proc proc "$root/proc"
 mount --bind /dev "$root/dev"
 mount --bind /dev/pts "$root/dev/pts"
