@@ -31,7 +31,7 @@ CHECK_ARGS := $(if $(CHECK),--check --diff,)
 .PHONY: help
 help:
 	@echo "make demo            lab up, render in the anklume container, apply on the host, reachability matrix"
-	@echo "make test            every test: fmt, clippy, unit, golden, netns, ansible-lint, shellcheck, ruff, reach.py unit, toolchain choice, molecule"
+	@echo "make test            every test: fmt, clippy, unit, golden, netns, ansible-lint, shellcheck, ruff, reach.py unit, toolchain choice, lab forwarding restore, molecule"
 	@echo "make lint            fmt, clippy, ansible-lint, shellcheck, ruff, reach.py unit tests"
 	@echo "make test-toolchain  build the modules with Debian's Rust toolchain alone (hides ~/.cargo/bin)"
 	@echo "make test-toolchain-chroot  the same in a clean debootstrapped Debian 12"
@@ -84,8 +84,8 @@ demo: lab-up build
 
 # --- tests ---------------------------------------------------------------------
 
-.PHONY: test lint unit molecule toolchain test-toolchain test-toolchain-chroot
-test: deps lint toolchain unit build molecule
+.PHONY: test lint unit molecule script-tests test-toolchain test-toolchain-chroot
+test: deps lint script-tests unit build molecule
 
 SHELL_SCRIPTS := $(wildcard lab/*.sh bench/*.sh tests/*.sh) lab/cargo .ci/run
 
@@ -99,11 +99,13 @@ lint:
 	ruff check lab/
 	python3 -m unittest discover -s lab -p 'test_*.py'
 
-# The Rust toolchain choice as a machine without rustup sees it (PATH
-# without ~/.cargo/bin): seconds. test-toolchain also builds the static
+# Shell-level tests, seconds: the Rust toolchain choice as a machine without
+# rustup sees it (PATH without ~/.cargo/bin), and lab.sh's forwarding restore
+# on a throwaway namespace's sysctls. test-toolchain also builds the static
 # modules with Debian's toolchain alone (~2 min, not part of `make test`).
-toolchain:
+script-tests:
 	tests/toolchain.sh
+	tests/lab_forwarding.sh
 test-toolchain:
 	tests/toolchain.sh --build
 # A clean debootstrapped Debian 12 (chroot): the toolchain step of `make

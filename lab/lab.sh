@@ -898,4 +898,5 @@ main() {
   esac
 }
 
-main "$@"
+# Sourced (tests/lab_forwarding.sh): define the functions, run nothing.
+if [[ ${BASH_SOURCE[0]} == "$0" ]]; then main "$@"; fi
