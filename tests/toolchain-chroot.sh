@@ -70,7 +70,10 @@ step "lab/rust.sh install (the toolchain step of make deps)"
 in_root 'lab/rust.sh install && lab/rust.sh dir && cargo --version && rustc --version'
 
 step "make build (static modules with Debian's toolchain)"
-in_root 'make build && ldd library/incus_nftables_render 2>&1 | grep -q "not a dynamic\|statically linked" && printf "{\"x\":1}\n" >/tmp/args && library/incus_nftables_render /tmp/args | grep -q "valid options"'
+in_root 'make build'
+in_root 'ldd library/incus_nftables_render 2>&1 | grep -q "not a dynamic\|statically linked"'
+# A module exits 1 with its failed JSON: an unknown option names the valid ones.
+in_root 'printf "{\"x\":1}\n" >/tmp/args; { library/incus_nftables_render /tmp/args || true; } | grep "valid options"'
 
 step "fmt and clippy (the Rust half of make lint)"
 in_root 'lab/cargo fmt --all -- --check && lab/cargo clippy --locked --all-targets -- -D warnings'
