@@ -718,8 +718,7 @@ save_forwarding() {
   local f
   [[ -e $FORWARDING_SAVED ]] && return 0
   for f in "${FORWARDING_SYSCTLS[@]}"; do
-    if [[ -r $f ]]; then printf '%s %s
-' "$f" "$(<"$f")"; fi
+    if [[ -r $f ]]; then printf '%s %s\n' "$f" "$(<"$f")"; fi
   done >"$FORWARDING_SAVED"
 }
 
@@ -800,7 +799,8 @@ cmd_down() {
     fi
     # Incus's other bridges route through the host: they keep forwarding.
     keep_forwarding=$(iq "/1.0/networks?recursion=1" |
-      jq -r '[.[] | select(.managed) | .name] | if length > 0 then "Incus networks " + join(", ") else "" end')
+      jq -r '[.[] | select(.managed) | .name] | if length > 0 then "Incus networks " + join(", ") else "" end') ||
+      keep_forwarding="the Incus networks could not be listed"
   fi
 
   kill_pidfile "$UP_HTTPD_PIDFILE" httpd
