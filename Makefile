@@ -100,7 +100,8 @@ lint:
 	python3 -m unittest discover -s lab -p 'test_*.py'
 
 # Shell-level tests, seconds: the Rust toolchain choice as a machine without
-# rustup sees it (PATH without ~/.cargo/bin), and lab.sh's forwarding restore
+# rustup sees it (PATH without ~/.cargo/bin; it installs Debian's toolchain
+# when missing, even where rustup is used), and lab.sh's forwarding restore
 # on a throwaway namespace's sysctls. test-toolchain also builds the static
 # modules with Debian's toolchain alone (~2 min, not part of `make test`).
 script-tests:
