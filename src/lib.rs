@@ -16,6 +16,7 @@
 //! act, report.
 
 pub mod apply;
+pub mod effects;
 pub mod guard;
 pub mod model;
 pub mod module;
