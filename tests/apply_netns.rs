@@ -696,3 +696,216 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     out.sort();
     out
 }
+
+/// `ip netns exec <ns> <args>`, returning success.
+fn in_ns(ns: &str, args: &[&str]) -> bool {
+    Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(args)
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A "host" namespace with two domain bridges and one client namespace on
+/// each, so forwarding between domains is seen with real packets.
+struct Domains {
+    host: NetNs,
+    a: NetNs,
+    b: NetNs,
+}
+
+impl Domains {
+    fn new(tag: &str) -> Domains {
+        let d = Domains {
+            host: NetNs::new(&format!("{tag}h")),
+            a: NetNs::new(&format!("{tag}a")),
+            b: NetNs::new(&format!("{tag}b")),
+        };
+        let h = d.host.0.as_str();
+        for (client, bridge, net) in [(&d.a, "net-a", "1"), (&d.b, "net-b", "2")] {
+            let c = client.0.as_str();
+            ip(&["-n", h, "link", "add", bridge, "type", "bridge"]);
+            ip(&[
+                "-n", h, "link", "add", "p", "type", "veth", "peer", "name", "eth0", "netns", c,
+            ]);
+            ip(&[
+                "-n",
+                h,
+                "link",
+                "set",
+                "p",
+                "name",
+                &format!("p{net}"),
+                "master",
+                bridge,
+                "up",
+            ]);
+            ip(&[
+                "-n",
+                h,
+                "addr",
+                "add",
+                &format!("10.231.{net}.1/24"),
+                "dev",
+                bridge,
+            ]);
+            ip(&["-n", h, "link", "set", bridge, "up"]);
+            ip(&[
+                "-n",
+                c,
+                "addr",
+                "add",
+                &format!("10.231.{net}.2/24"),
+                "dev",
+                "eth0",
+            ]);
+            ip(&["-n", c, "link", "set", "eth0", "up"]);
+            ip(&[
+                "-n",
+                c,
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("10.231.{net}.1"),
+            ]);
+        }
+        assert!(in_ns(h, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]));
+        d
+    }
+
+    /// One bounded TCP connection attempt from domain a's client to domain
+    /// b's client (nothing listens: a reset, "refused", proves the path;
+    /// a dropped SYN times out).
+    fn a_reaches_b(&self) -> bool {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.a.0, "timeout", "2", "bash", "-c"])
+            .arg("exec 3<>/dev/tcp/10.231.2.2/9")
+            .output()
+            .unwrap();
+        out.status.success() || String::from_utf8_lossy(&out.stderr).contains("refused")
+    }
+}
+
+/// The unit's `Exec<key>=` line as a program and its arguments: the
+/// fallback is one single-quoted argument, the file path a plain word.
+fn exec_line(unit: &str, key: &str) -> Vec<String> {
+    let line = unit
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key}= in the unit"));
+    match line.split_once(" '") {
+        Some((program, quoted)) => vec![
+            program.to_string(),
+            quoted.strip_suffix('\'').unwrap().to_string(),
+        ],
+        None => line.split(' ').map(str::to_string).collect(),
+    }
+}
+
+#[test]
+fn the_boot_unit_verifies_and_boot_fails_closed_without_its_file() {
+    let ns = NetNs::new("persist");
+    let dir = tempfile::tempdir().unwrap();
+    let units = dir.path().join("units");
+    let dest = dir.path().join("iso.nft");
+    let text = ruleset("anklume_t", &["net-a", "net-b"]);
+    let out = ns.module(json!({"content": text, "dest": dest, "table": "anklume_t",
+                               "unit_dir": units}));
+    assert_eq!(out["failed"], false, "{out}");
+    let unit_path = units.join("anklume-isolation-anklume_t.service");
+    assert_eq!(PathBuf::from(out["unit"].as_str().unwrap()), unit_path);
+    assert_eq!(
+        std::fs::read_link(units.join("sysinit.target.wants/anklume-isolation-anklume_t.service"))
+            .unwrap(),
+        unit_path
+    );
+    let unit = std::fs::read_to_string(&unit_path).unwrap();
+    assert!(!unit.contains("flush") && !unit.contains("ExecStop"));
+
+    // systemd's own check of the unit, with a positive control.
+    match anklume_isolation::runner::process::find_program("systemd-analyze") {
+        None => eprintln!("systemd-analyze is not installed: the unit is not verified by systemd"),
+        Some(analyze) => {
+            let verify = |path: &Path| {
+                Command::new(&analyze)
+                    .args(["verify", "--man=no"])
+                    .arg(path)
+                    .output()
+                    .unwrap()
+            };
+            let ok = verify(&unit_path);
+            assert!(
+                ok.status.success(),
+                "{}",
+                String::from_utf8_lossy(&ok.stderr)
+            );
+            let broken = dir.path().join("anklume-isolation-broken.service");
+            // What a split path did: ExecStart named a program that is not there.
+            std::fs::write(
+                &broken,
+                unit.replace("ExecStart=/", "ExecStart=/nonexistent/"),
+            )
+            .unwrap();
+            assert!(
+                !verify(&broken).status.success(),
+                "systemd-analyze verify can fail"
+            );
+        }
+    }
+    // A dest that systemd would split is refused before anything changes.
+    let out = ns.module(
+        json!({"content": text, "dest": dir.path().join("with space/x.nft"),
+                               "table": "anklume_t", "unit_dir": units}),
+    );
+    assert_eq!(out["failed"], true, "{out}");
+    assert!(out["msg"].as_str().unwrap().contains("boot unit"), "{out}");
+
+    // Boot simulation: a fresh host namespace with two domain bridges.
+    let d = Domains::new("boot");
+    assert!(
+        d.a_reaches_b(),
+        "positive control: without rules, domains reach each other"
+    );
+    let pre = exec_line(&unit, "ExecStartPre");
+    let start = exec_line(&unit, "ExecStart");
+    let run = |argv: &[String]| {
+        let args: Vec<&str> = argv.iter().map(String::as_str).collect();
+        in_ns(&d.host.0, &args)
+    };
+    // The file is missing: the unit fails (visible), the fallback holds.
+    std::fs::rename(&dest, dir.path().join("moved.nft")).unwrap();
+    assert!(run(&pre), "the fallback loads");
+    assert!(!run(&start), "a missing file fails the unit");
+    assert!(
+        !d.a_reaches_b(),
+        "boot failed closed: domains do not reach each other"
+    );
+    let live = d.host.nft(&["list", "table", "inet", "anklume_t"]);
+    assert!(live.contains(TABLE_COMMENT), "{live}");
+    // An unloadable file: the same.
+    std::fs::write(&dest, "table inet anklume_t { bogus }\n").unwrap();
+    d.host.nft(&["delete", "table", "inet", "anklume_t"]);
+    assert!(d.a_reaches_b());
+    assert!(run(&pre) && !run(&start));
+    assert!(!d.a_reaches_b(), "a refused file fails closed too");
+    // The good file: loaded over the fallback, isolation as rendered.
+    std::fs::rename(dir.path().join("moved.nft"), &dest).unwrap();
+    d.host.nft(&["delete", "table", "inet", "anklume_t"]);
+    assert!(run(&pre) && run(&start));
+    assert_eq!(
+        d.host.nft(&["list", "table", "inet", "anklume_t"]),
+        ns.nft(&["list", "table", "inet", "anklume_t"]),
+        "boot loads what the module applied"
+    );
+    assert!(!d.a_reaches_b());
+}

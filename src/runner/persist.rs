@@ -95,7 +95,7 @@ pub fn boot_fallback(
     Ok(format!(
         "table inet {table} {{ }} ; delete table inet {table} ; table inet {table} {{ comment \
          \"{TABLE_COMMENT}\" ; chain {FALLBACK_CHAIN} {{ type filter hook forward priority -1 ; \
-         policy accept ; {} }} }}",
+         policy accept ; {}}} ; }}",
         rules.iter().map(|r| format!("{r} ; ")).collect::<String>()
     ))
 }
@@ -239,6 +239,8 @@ mod tests {
         .unwrap();
         assert!(text.contains("ExecStart=/usr/sbin/nft -f /etc/nftables.d/x.nft\n"));
         assert!(text.contains("ExecStartPre=/usr/sbin/nft 'table inet anklume { }"));
+        // On nft's command line a block ends with `;` before the next `}`.
+        assert!(text.contains("drop ; } ; }'\n"), "{text}");
         assert!(text.contains("After=nftables.service"));
         assert!(text.contains("Before=network-pre.target"));
         assert!(!text.contains("ExecStop"));
