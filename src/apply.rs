@@ -16,6 +16,7 @@
 
 use crate::effects::check_effects;
 pub use crate::effects::{ModeRules, HOST_MODE};
+use crate::guard::check_ruleset;
 use crate::model::TableName;
 use crate::render::TABLE_COMMENT;
 use crate::runner::fs::{read_owned_file, remove_owned_file, Existing, Staged};
@@ -72,22 +73,39 @@ pub fn verify(
 pub enum Ownership {
     Absent,
     Ours,
+    /// Unmarked, but exactly what `dest` (which only this module writes)
+    /// loads: a table applied by a version that did not mark its tables.
+    Adopted,
 }
 
-/// Step 2: refuses a live table of our name that we did not create.
-pub fn ownership(nft: &Nft, table: &TableName) -> anyhow::Result<Ownership> {
+/// Step 2: refuses a live table of our name that we did not create. `applied`
+/// is the text of `dest`, the file this module last applied, if any.
+pub fn ownership(nft: &Nft, table: &TableName, applied: Option<&str>) -> anyhow::Result<Ownership> {
     match nft.table_comment(table)? {
         None => Ok(Ownership::Absent),
         Some(Some(comment)) if comment == TABLE_COMMENT => Ok(Ownership::Ours),
+        Some(_) if applied.is_some_and(|text| loads_live_table(nft, table, text)) => {
+            Ok(Ownership::Adopted)
+        }
         Some(comment) => bail!(
             "a table inet {table} already exists and was not created by anklume-isolation \
-             (its comment is {}, not \"{TABLE_COMMENT}\"): it belongs to someone else and is \
-             never replaced or deleted; choose another table name. If it is a table from an \
-             older anklume-isolation, delete it yourself (`nft delete table inet {table}`) and \
-             apply again at once",
+             (its comment is {}, not \"{TABLE_COMMENT}\", and it is not what the file this \
+             module last applied loads): it belongs to someone else and is never replaced or \
+             deleted; choose another table name",
             comment.map_or("missing".to_string(), |c| format!("{c:?}"))
         ),
     }
+}
+
+/// Whether `text` (touching only our table) loads exactly the live table.
+fn loads_live_table(nft: &Nft, table: &TableName, text: &str) -> bool {
+    if check_ruleset(text, table).is_err() {
+        return false;
+    }
+    let Ok(scratch) = nft.scratch(text, table) else {
+        return false;
+    };
+    nft.table_canonical(table).ok().flatten() == Some(scratch.after.table_canonical(table.as_str()))
 }
 
 /// The live table as it was before a load: its text (reloadable) and its
@@ -164,6 +182,9 @@ pub fn replace_table_with(
 }
 
 fn confirm(nft: &Nft, table: &TableName, want: &Value) -> anyhow::Result<()> {
+    if nft.table_comment(table)?.flatten().as_deref() != Some(TABLE_COMMENT) {
+        bail!("after loading, table inet {table} does not carry the mark \"{TABLE_COMMENT}\"");
+    }
     match nft.table_canonical(table)? {
         Some(live) if &live == want => Ok(()),
         Some(_) => bail!("after loading, the live table inet {table} differs from the ruleset"),
@@ -306,8 +327,12 @@ pub fn remove(
     dest: &Path,
     check_mode: bool,
 ) -> anyhow::Result<Removed> {
+    let applied = match read_owned_file(dest)? {
+        Existing::Text(text) => Some(text),
+        _ => None,
+    };
     let mut removed = Removed {
-        table: ownership(nft, table)? == Ownership::Ours,
+        table: ownership(nft, table, applied.as_deref())? != Ownership::Absent,
         files: Vec::new(),
     };
     if removed.table && !check_mode {

@@ -373,6 +373,19 @@ fn other_managers_tables_are_never_replaced_or_removed() {
     ns.nft(&["delete", "table", "inet", "anklume_t"]);
     let out = ns.module(args(&src, &dest, "anklume_t"));
     assert_eq!(out["changed"], true, "{out}");
+    // A table applied by a version that did not mark it (live, and exactly
+    // what dest loads) is adopted and marked.
+    let unmarked =
+        ruleset("anklume_t", &["net-a"]).replace(&format!("\tcomment \"{TABLE_COMMENT}\"\n"), "");
+    ns.nft_stdin(&unmarked);
+    std::fs::write(&dest, &unmarked).unwrap();
+    let out = ns.module(args(&src, &dest, "anklume_t"));
+    assert_eq!(out["changed"], true, "{out}");
+    assert!(
+        out["warnings"][0].as_str().unwrap().contains("adopted"),
+        "{out}"
+    );
+    assert!(live_has(&ns, "anklume_t", TABLE_COMMENT));
 }
 
 #[test]

@@ -146,14 +146,27 @@ fn present(
     }
     nft.check(&desired)?;
     let verified = apply::verify(nft, table, &desired, mode)?;
-    let owned = apply::ownership(nft, table)?;
+    let files = apply::Files::read(dest)?;
+    let applied = match &files.current {
+        Existing::Text(text) => Some(text.as_str()),
+        _ => None,
+    };
+    let owned = apply::ownership(nft, table, applied)?;
+    if owned == Ownership::Adopted {
+        warnings.push(format!(
+            "table inet {table} had no ownership mark but is exactly what {} loads: adopted \
+             (applied by an older version) and marked now",
+            dest.display()
+        ));
+    }
 
-    // Plan: compare what the kernel would hold with what it holds.
+    // Plan: compare what the kernel would hold with what it holds (nft's
+    // JSON leaves out the table comment: an adopted table is reloaded to
+    // carry the mark).
     let live_changed = match owned {
-        Ownership::Absent => true,
+        Ownership::Absent | Ownership::Adopted => true,
         Ownership::Ours => nft.table_canonical(table)?.as_ref() != Some(&verified.want),
     };
-    let files = apply::Files::read(dest)?;
     let file_changed = !files.holds(&desired);
     if let Existing::Unreadable(_) = files.current {
         warnings.push(format!(
@@ -181,7 +194,7 @@ fn present(
             foreign.join("; ")
         ));
     }
-    if !file_changed && live_changed && owned == Ownership::Ours {
+    if !file_changed && live_changed && owned != Ownership::Absent {
         warnings.push(format!(
             "the live table inet {table} differed from {}: it was changed outside this module",
             dest.display()
@@ -250,7 +263,11 @@ fn absent(
     unit_paths: &UnitPaths,
 ) -> anyhow::Result<Outcome> {
     // Someone else's table of this name: refuse before removing anything.
-    apply::ownership(nft, table)?;
+    let applied = match apply::Files::read(dest)?.current {
+        Existing::Text(text) => Some(text),
+        _ => None,
+    };
+    apply::ownership(nft, table, applied.as_deref())?;
     let unit_exists = unit_paths.exists();
     if unit_exists && !inv.check_mode {
         // The unit first: a crash half-way must not leave a boot unit that
