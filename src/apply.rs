@@ -156,6 +156,25 @@ pub fn replace_table(
     replace_table_with(nft, table, desired, |nft| confirm(nft, table, want)).map(drop)
 }
 
+/// How the live table becomes the ruleset.
+#[derive(Debug, Clone, Copy)]
+pub enum Load<'a> {
+    /// The whole rendered ruleset (its header replaces our table).
+    Table(&'a str),
+    /// Only set and map elements changed: an `nft -j` batch that flushes
+    /// and refills them in one transaction ([`crate::effects::set_only_update`]).
+    Sets(&'a str),
+}
+
+impl Load<'_> {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Load::Table(_) => "table",
+            Load::Sets(_) => "sets",
+        }
+    }
+}
+
 /// `replace_table` with the confirmation step given by the caller, so tests
 /// can make it fail and watch the rollback. Returns the snapshot taken
 /// before the load, for a later step's rollback.
@@ -165,8 +184,23 @@ pub fn replace_table_with(
     desired: &str,
     confirm: impl FnOnce(&Nft) -> anyhow::Result<()>,
 ) -> anyhow::Result<Snapshot> {
+    load_confirmed(nft, table, Load::Table(desired), confirm)
+}
+
+/// Loads (the whole table or only its sets), confirms, and on failure puts
+/// the snapshot back.
+pub fn load_confirmed(
+    nft: &Nft,
+    table: &TableName,
+    load: Load,
+    confirm: impl FnOnce(&Nft) -> anyhow::Result<()>,
+) -> anyhow::Result<Snapshot> {
     let before = snapshot(nft, table)?;
-    let result = nft.load(desired).and_then(|()| confirm(nft));
+    let loaded = match load {
+        Load::Table(text) => nft.load(text),
+        Load::Sets(batch) => nft.load_json(batch),
+    };
+    let result = loaded.and_then(|()| confirm(nft));
     let Err(err) = result else {
         return Ok(before);
     };
@@ -224,7 +258,7 @@ pub fn previous_path(dest: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Step 3: makes `desired` live (when `live_changed`) and the content of
+/// Step 3: makes `desired` live (by `load`, when the live table differs) and the content of
 /// `files.dest` (keeping the old one as `.previous`), or neither. Files
 /// are staged first (a full or read-only directory fails before anything
 /// changes), the table is loaded and confirmed, then the files are renamed
@@ -234,7 +268,7 @@ pub fn commit(
     table: &TableName,
     desired: &str,
     want: &Value,
-    live_changed: bool,
+    load: Option<Load>,
     files: &Files,
 ) -> anyhow::Result<()> {
     let dest = files.dest.display();
@@ -258,13 +292,12 @@ pub fn commit(
         Ok(Some((previous, new)))
     };
     let staged = stage().map_err(|err| anyhow::anyhow!("{err:#}; {nothing}"))?;
-    let before = if live_changed {
-        Some(
-            replace_table_with(nft, table, desired, |nft| confirm(nft, table, want))
+    let before = match load {
+        Some(load) => Some(
+            load_confirmed(nft, table, load, |nft| confirm(nft, table, want))
                 .map_err(|err| anyhow::anyhow!("{err:#}; {dest} was not changed"))?,
-        )
-    } else {
-        None
+        ),
+        None => None,
     };
     let Some((previous, new)) = staged else {
         return Ok(());

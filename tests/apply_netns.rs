@@ -922,3 +922,34 @@ fn the_boot_unit_verifies_and_boot_fails_closed_without_its_file() {
     );
     assert!(!d.a_reaches_b());
 }
+
+#[test]
+fn set_only_changes_update_the_sets_in_place_and_structure_changes_swap_the_table() {
+    let ns = NetNs::new("sets");
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dest) = (dir.path().join("r.nft"), dir.path().join("iso.nft"));
+    std::fs::write(&src, ruleset("anklume_t", &["net-a", "net-b"])).unwrap();
+    assert_eq!(ns.module(args(&src, &dest, "anklume_t"))["update"], "table");
+    let handles = || ns.nft(&["-a", "list", "chain", "inet", "anklume_t", "isolation"]);
+    let before = handles();
+    std::fs::write(&src, ruleset("anklume_t", &["net-a", "net-c"])).unwrap();
+    let out = ns.module(args(&src, &dest, "anklume_t"));
+    assert_eq!(out["update"], "sets", "{out}");
+    assert_eq!(
+        handles(),
+        before,
+        "the chain and its rules were not recreated"
+    );
+    let live = ns.nft(&["list", "table", "inet", "anklume_t"]);
+    assert!(live.contains("net-c") && !live.contains("net-b"), "{live}");
+    assert_eq!(ns.module(args(&src, &dest, "anklume_t"))["changed"], false);
+    // A structural change (a rule more) replaces the whole table.
+    let structural = ruleset("anklume_t", &["net-a", "net-c"]).replace(
+        "\t\tct state established,related accept\n",
+        "\t\tct state established,related accept\n\t\tct state invalid drop\n",
+    );
+    std::fs::write(&src, structural).unwrap();
+    let out = ns.module(args(&src, &dest, "anklume_t"));
+    assert_eq!(out["update"], "table", "{out}");
+    assert_ne!(handles(), before);
+}

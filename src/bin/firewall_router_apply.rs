@@ -3,7 +3,8 @@
 //! host, or later the firewall VM), or with `state: absent` removes it. It
 //! only ever touches its own, marked table.
 
-use anklume_isolation::apply::{self, ModeRules, Ownership, HOST_MODE};
+use anklume_isolation::apply::{self, Load, ModeRules, Ownership, HOST_MODE};
+use anklume_isolation::effects::set_only_update;
 use anklume_isolation::guard::{check_ruleset, check_table_name, strip_log_statements};
 use anklume_isolation::model::TableName;
 use anklume_isolation::module::{self, Diff, Invocation, ModuleOptions, Outcome};
@@ -163,10 +164,20 @@ fn present(
     // Plan: compare what the kernel would hold with what it holds (nft's
     // JSON leaves out the table comment: an adopted table is reloaded to
     // carry the mark).
-    let live_changed = match owned {
-        Ownership::Absent | Ownership::Adopted => true,
-        Ownership::Ours => nft.table_canonical(table)?.as_ref() != Some(&verified.want),
+    let live = match owned {
+        Ownership::Ours => nft.table_canonical(table)?,
+        Ownership::Absent | Ownership::Adopted => None,
     };
+    let live_changed = live.as_ref() != Some(&verified.want);
+    // Only set contents changed: update them in one transaction instead of
+    // swapping the whole table.
+    let set_batch = live
+        .as_ref()
+        .and_then(|live| set_only_update(live, &verified.want));
+    let load = live_changed.then(|| match &set_batch {
+        Some(batch) => Load::Sets(batch),
+        None => Load::Table(&desired),
+    });
     let file_changed = !files.holds(&desired);
     if let Existing::Unreadable(_) = files.current {
         warnings.push(format!(
@@ -217,7 +228,7 @@ fn present(
             }
         }
         if live_changed || file_changed {
-            apply::commit(nft, table, &desired, &verified.want, live_changed, &files)?;
+            apply::commit(nft, table, &desired, &verified.want, load, &files)?;
         }
     }
 
@@ -240,6 +251,7 @@ fn present(
         .set("sha256", sha256_hex(&desired))
         .set("table", format!("inet {table}"))
         .set("live_changed", live_changed)
+        .set("update", load.map(|load| load.kind()))
         .set("file_changed", file_changed)
         .set(
             "previous",

@@ -119,6 +119,11 @@ impl Nft {
             .context("the ruleset does not pass `nft -c`")
     }
 
+    /// `nft -j -f`: one atomic transaction given as nft's JSON commands.
+    pub fn load_json(&self, batch: &str) -> anyhow::Result<()> {
+        self.run(&["-j", "-f", STDIN_PATH], Some(batch)).map(drop)
+    }
+
     /// `nft -f`: one atomic transaction.
     pub fn load(&self, ruleset: &str) -> anyhow::Result<()> {
         self.run(&["-f", STDIN_PATH], Some(ruleset)).map(drop)
