@@ -379,3 +379,26 @@ pub fn remove(
     }
     Ok(removed)
 }
+
+/// Step 4, after a live change: deletes the conntrack entries of connections
+/// that the old table admitted and the new one does not (see
+/// [`crate::revoke`]). Returns how many were cut.
+pub fn cut_revoked(
+    table: &TableName,
+    old: &Value,
+    new: &Value,
+    conntrack: &crate::runner::conntrack::Conntrack,
+    interfaces: &crate::revoke::Interfaces,
+) -> anyhow::Result<usize> {
+    use crate::revoke::{revoked, Admission};
+    let (old, new) = (
+        Admission::of(old, table.as_str())?,
+        Admission::of(new, table.as_str())?,
+    );
+    let flows = conntrack.flows()?;
+    let cut = revoked(&old, &new, &flows, interfaces);
+    for flow in &cut {
+        conntrack.delete(flow)?;
+    }
+    Ok(cut.len())
+}

@@ -22,6 +22,7 @@ pub mod model;
 pub mod module;
 pub mod plan;
 pub mod render;
+pub mod revoke;
 pub mod runner;
 
 /// Hex SHA-256 of a ruleset, returned by both modules so a rendered file and

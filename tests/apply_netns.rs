@@ -993,6 +993,7 @@ struct Traffic {
     sent: u64,
     allowed_received: u64,
     leaked: u64,
+    socket_overflows: u64,
 }
 
 /// Sends numbered UDP datagrams from domain a's client to domain b's on an
@@ -1009,6 +1010,7 @@ fn under_traffic(d: &Domains, work: impl FnOnce()) -> Traffic {
             in_netns_thread(&d.b.0, move || {
                 let sock = UdpSocket::bind(("10.231.2.2", port)).unwrap();
                 sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                force_receive_buffer(&sock);
                 let mut seen = std::collections::BTreeSet::new();
                 let mut buf = [0u8; 64];
                 while let Ok(n) = sock.recv(&mut buf) {
@@ -1040,6 +1042,7 @@ fn under_traffic(d: &Domains, work: impl FnOnce()) -> Traffic {
         }
         sent
     });
+    let overflows_before = udp_receive_buffer_errors(&d.b.0);
     work();
     stop.store(true, Ordering::Relaxed);
     let sent = sender.join().unwrap();
@@ -1048,7 +1051,43 @@ fn under_traffic(d: &Domains, work: impl FnOnce()) -> Traffic {
         sent,
         allowed_received: received[0],
         leaked: received[1],
+        socket_overflows: udp_receive_buffer_errors(&d.b.0) - overflows_before,
     }
+}
+
+/// A 32 MiB receive buffer (SO_RCVBUFFORCE, root): a receiver starved of
+/// CPU by the re-applies must not drop datagrams itself.
+fn force_receive_buffer(sock: &std::net::UdpSocket) {
+    use std::os::unix::io::AsRawFd;
+    let size: libc::c_int = 32 << 20;
+    // SAFETY: setsockopt(2) on a socket we own, with a c_int option.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_RCVBUFFORCE: {}", std::io::Error::last_os_error());
+}
+
+/// The namespace's UDP RcvbufErrors counter (datagrams a full socket
+/// buffer dropped: the receiver's fault, not the firewall's).
+fn udp_receive_buffer_errors(ns: &str) -> u64 {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "cat", "/proc/net/snmp"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut udp = text.lines().filter(|l| l.starts_with("Udp:"));
+    let (names, values) = (udp.next().unwrap(), udp.next().unwrap());
+    let at = names
+        .split_whitespace()
+        .position(|n| n == "RcvbufErrors")
+        .unwrap();
+    values.split_whitespace().nth(at).unwrap().parse().unwrap()
 }
 
 /// `make test-stress`: >= 1000 re-applies under traffic. While a client in
@@ -1101,13 +1140,14 @@ fn stress_reapplies_under_traffic_drop_nothing_allowed_and_leak_nothing() {
         println!(
             "stress {label}: {n} re-applies ({kinds:?}) in {:.1} s under traffic; sent {} \
              allowed + {} denied datagrams; allowed received {}, allowed dropped {}, \
-             denied leaked {}",
+             denied leaked {}, receiver socket overflows {}",
             started.elapsed().as_secs_f64(),
             t.sent,
             t.sent,
             t.allowed_received,
             t.sent - t.allowed_received,
-            t.leaked
+            t.leaked,
+            t.socket_overflows
         );
         assert_eq!(kinds.get(&format!("\"{expect}\"")), Some(&n), "{kinds:?}");
         assert!(t.sent > 0 && t.allowed_received > 0, "traffic flowed");
@@ -1141,4 +1181,119 @@ fn render_logged(dir: &Path, plain: &Path) -> PathBuf {
     let res: Value = serde_json::from_slice(&res.stdout).unwrap();
     assert_eq!(res["failed"], false, "{res}");
     out
+}
+
+/// A UDP conversation from domain a to domain b on `port`: b echoes every
+/// datagram, so conntrack holds it as established (the case `ct state
+/// established accept` keeps alive). Returns the instant of the last echo
+/// a received and how many it received, once `stop` is set.
+fn udp_conversation(
+    d: &Domains,
+    port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(Option<std::time::Instant>, u64)> {
+    use std::net::UdpSocket;
+    use std::sync::atomic::Ordering;
+    use std::time::{Duration, Instant};
+    let server = UdpSocketIn::bind(&d.b.0, ("10.231.2.2", port));
+    in_netns_thread(&d.b.0, move || {
+        let sock = server;
+        sock.set_read_timeout(Some(Duration::from_secs(4))).unwrap();
+        let mut buf = [0u8; 64];
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            let _ = sock.send_to(&buf[..n], from);
+        }
+    });
+    in_netns_thread(&d.a.0, move || {
+        let sock = UdpSocket::bind("10.231.1.2:0").unwrap();
+        sock.connect(("10.231.2.2", port)).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(10)))
+            .unwrap();
+        let (mut last, mut echoes, mut seq) = (None, 0u64, 0u64);
+        let mut buf = [0u8; 64];
+        while !stop.load(Ordering::Relaxed) {
+            seq += 1;
+            let _ = sock.send(&seq.to_be_bytes());
+            if sock.recv(&mut buf).is_ok() {
+                last = Some(Instant::now());
+                echoes += 1;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        (last, echoes)
+    })
+}
+
+/// A UDP socket bound inside a namespace (bound on a thread that entered
+/// it; a socket keeps its namespace).
+struct UdpSocketIn;
+
+impl UdpSocketIn {
+    fn bind(ns: &str, addr: (&'static str, u16)) -> std::net::UdpSocket {
+        in_netns_thread(ns, move || std::net::UdpSocket::bind(addr).unwrap())
+            .join()
+            .unwrap()
+    }
+}
+
+#[test]
+fn revoking_a_policy_cuts_its_established_flows_and_keeps_the_allowed_ones() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    assert!(
+        anklume_isolation::runner::process::find_program("conntrack").is_some(),
+        "conntrack (conntrack-tools) is needed: lab/lab.sh install installs it"
+    );
+    let d = Domains::new("revoke");
+    let dir = tempfile::tempdir().unwrap();
+    let keep = json!({"from": "a", "to": "b", "ports": [5001], "protocol": "udp"});
+    let cut = json!({"from": "a", "to": "b", "ports": [6001], "protocol": "udp"});
+    let r1 = render(dir.path(), "r1", json!([keep, cut]));
+    let r2 = render(dir.path(), "r2", json!([keep]));
+    let dest = dir.path().join("iso.nft");
+    let apply = |src: &Path| d.host.module(args(src, &dest, "anklume_t"));
+    assert_eq!(apply(&r1)["failed"], false);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let kept = udp_conversation(&d, 5001, Arc::clone(&stop));
+    let revoked = udp_conversation(&d, 6001, Arc::clone(&stop));
+    std::thread::sleep(Duration::from_millis(800));
+
+    // Positive control: loading the narrower ruleset with plain `nft -f`
+    // leaves the established 6001 conversation running.
+    let r2_text = std::fs::read_to_string(&r2).unwrap();
+    let r1_text = std::fs::read_to_string(&r1).unwrap();
+    d.host.nft_stdin(&r2_text);
+    let control_at = Instant::now();
+    std::thread::sleep(Duration::from_millis(1500));
+    d.host.nft_stdin(&r1_text);
+
+    // The module applies the same narrower ruleset and cuts it.
+    let out = apply(&r2);
+    let applied_at = Instant::now();
+    assert_eq!(out["failed"], false, "{out}");
+    assert!(out["revoked_connections"].as_u64().unwrap() >= 1, "{out}");
+    std::thread::sleep(Duration::from_millis(2000));
+    stop.store(true, Ordering::Relaxed);
+    let (kept_last, kept_n) = kept.join().unwrap();
+    let (revoked_last, revoked_n) = revoked.join().unwrap();
+    let (kept_last, revoked_last) = (kept_last.unwrap(), revoked_last.unwrap());
+    println!(
+        "revocation: kept flow {kept_n} echoes, revoked flow {revoked_n} echoes; revoked flow's \
+         last echo {:?} after the apply",
+        revoked_last.saturating_duration_since(applied_at)
+    );
+    assert!(
+        revoked_last > control_at + Duration::from_millis(1000),
+        "positive control: without the cut, the established flow outlived plain nft -f"
+    );
+    assert!(
+        revoked_last < applied_at + Duration::from_millis(1000),
+        "the revoked flow was cut within a second"
+    );
+    assert!(
+        kept_last > applied_at + Duration::from_millis(1500),
+        "the allowed flow continued"
+    );
 }

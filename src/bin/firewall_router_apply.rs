@@ -8,6 +8,7 @@ use anklume_isolation::effects::set_only_update;
 use anklume_isolation::guard::{check_ruleset, check_table_name, strip_log_statements};
 use anklume_isolation::model::TableName;
 use anklume_isolation::module::{self, Diff, Invocation, ModuleOptions, Outcome};
+use anklume_isolation::runner::conntrack::{self, Conntrack};
 use anklume_isolation::runner::fs::{read_capped, Existing};
 use anklume_isolation::runner::lock::{ApplyLock, DEFAULT_LOCK_PATH};
 use anklume_isolation::runner::nft::Nft;
@@ -164,8 +165,12 @@ fn present(
     // Plan: compare what the kernel would hold with what it holds (nft's
     // JSON leaves out the table comment: an adopted table is reloaded to
     // carry the mark).
+    let old_table = match owned {
+        Ownership::Absent => None,
+        Ownership::Ours | Ownership::Adopted => nft.table_canonical(table)?,
+    };
     let live = match owned {
-        Ownership::Ours => nft.table_canonical(table)?,
+        Ownership::Ours => old_table.clone(),
         Ownership::Absent | Ownership::Adopted => None,
     };
     let live_changed = live.as_ref() != Some(&verified.want);
@@ -212,6 +217,7 @@ fn present(
         ));
     }
 
+    let mut revoked = None;
     // Act (not in check mode). The boot unit first: it loads `dest`, which
     // stays the last good ruleset until the live table is confirmed.
     if !inv.check_mode {
@@ -229,6 +235,9 @@ fn present(
         }
         if live_changed || file_changed {
             apply::commit(nft, table, &desired, &verified.want, load, &files)?;
+        }
+        if let (true, Some(old)) = (live_changed, &old_table) {
+            revoked = cut_revoked(table, old, &verified.want, nft.timeout(), &mut warnings);
         }
     }
 
@@ -252,6 +261,7 @@ fn present(
         .set("table", format!("inet {table}"))
         .set("live_changed", live_changed)
         .set("update", load.map(|load| load.kind()))
+        .set("revoked_connections", revoked)
         .set("file_changed", file_changed)
         .set(
             "previous",
@@ -305,4 +315,35 @@ fn absent(
             unit_exists.then(|| unit_paths.unit.display().to_string()),
         );
     Ok(outcome)
+}
+
+/// Cuts the connections the new table no longer admits; a failure here is a
+/// warning (the new rules are live and stop every new connection).
+fn cut_revoked(
+    table: &TableName,
+    old: &serde_json::Value,
+    new: &serde_json::Value,
+    timeout: Duration,
+    warnings: &mut Vec<String>,
+) -> Option<usize> {
+    let Some(conntrack) = Conntrack::find(timeout) else {
+        warnings.push(
+            "conntrack (conntrack-tools) is not installed: connections opened under an \
+             allowance this apply removed keep running until they end; install it to cut them"
+                .to_string(),
+        );
+        return None;
+    };
+    let cut = conntrack::interfaces(timeout)
+        .and_then(|ifs| apply::cut_revoked(table, old, new, &conntrack, &ifs));
+    match cut {
+        Ok(n) => Some(n),
+        Err(err) => {
+            warnings.push(format!(
+                "the new rules are live, but cutting the connections they no longer allow \
+                 failed: {err:#}"
+            ));
+            None
+        }
+    }
 }

@@ -1,6 +1,7 @@
 //! The only layer that spawns processes or touches files: `nft`, `incus`,
 //! atomic files and the boot-time unit.
 
+pub mod conntrack;
 pub mod fs;
 pub mod incus;
 pub mod lock;

@@ -83,6 +83,11 @@ impl Nft {
         }
     }
 
+    /// How long each nft run may take; other tools of the same run use it.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     pub fn program(&self) -> &Path {
         &self.program
     }
