@@ -210,7 +210,7 @@ fn present(
             foreign.join("; ")
         ));
     }
-    if !file_changed && live_changed && owned != Ownership::Absent {
+    if !file_changed && live_changed && owned == Ownership::Ours {
         warnings.push(format!(
             "the live table inet {table} differed from {}: it was changed outside this module",
             dest.display()
