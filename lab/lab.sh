@@ -64,7 +64,7 @@ FORWARDING_SAVED=$RUN_DIR/forwarding.saved
 LAB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 READY_TIMEOUT=${LAB_READY_TIMEOUT:-60}
 
-APT_PACKAGES=(nftables debootstrap busybox-static iproute2 jq socat python3-venv
+APT_PACKAGES=(nftables conntrack debootstrap busybox-static iproute2 jq socat python3-venv
   python3-pip make dnsmasq-base ca-certificates shellcheck)
 INCUS_PACKAGES=(incus incus-client)
 

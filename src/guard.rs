@@ -155,6 +155,141 @@ fn check_command(command: &Command, table: &TableName) -> Result<bool, String> {
     Ok(object == "table" && verb != "delete" && verb != "flush")
 }
 
+/// Table names other managers create (in any family: our `inet` table of
+/// the same name would still be theirs to their tools and operators).
+/// Rendering and applying `table: incus` once replaced Incus's own table.
+const RESERVED_TABLE_NAMES: &[(&str, &str)] = &[
+    ("incus", "Incus"),
+    ("lxd", "LXD"),
+    ("filter", "iptables-nft and distribution defaults"),
+    ("nat", "iptables-nft and distribution defaults"),
+    ("mangle", "iptables-nft"),
+    ("raw", "iptables-nft"),
+    ("security", "iptables-nft"),
+    ("broute", "ebtables-nft"),
+    ("firewalld", "firewalld"),
+    ("firewalld_policy_drop", "firewalld"),
+    ("docker", "Docker"),
+    ("docker_user", "Docker"),
+    ("libvirt", "libvirt"),
+    ("libvirt_network", "libvirt"),
+    ("netavark", "Podman (netavark)"),
+    ("podman", "Podman"),
+    ("kube_proxy", "Kubernetes"),
+    ("kube-proxy", "Kubernetes"),
+    ("cni", "CNI plugins"),
+    ("crowdsec", "CrowdSec"),
+    ("crowdsec6", "CrowdSec"),
+    ("fail2ban", "fail2ban"),
+    ("f2b-table", "fail2ban"),
+    ("sshguard", "sshguard"),
+    ("ufw", "ufw"),
+    ("nixos-fw", "NixOS"),
+    ("tailscale", "Tailscale"),
+    ("waydroid", "Waydroid"),
+];
+
+/// Refuses a table name that another manager uses.
+pub fn check_table_name(table: &TableName) -> anyhow::Result<()> {
+    let name = table.as_str();
+    if let Some((_, owner)) = RESERVED_TABLE_NAMES
+        .iter()
+        .find(|(reserved, _)| reserved.eq_ignore_ascii_case(name))
+    {
+        bail!(
+            "table name {name:?} is used by {owner}: this module never replaces another \
+             manager's table; choose another name (the default is \"anklume\")"
+        );
+    }
+    Ok(())
+}
+
+/// Words that may follow `log` as its options, each with one argument.
+const LOG_OPTIONS: &[&str] = &[
+    "prefix",
+    "level",
+    "group",
+    "snaplen",
+    "queue-threshold",
+    "flags",
+];
+
+/// Removes every `log` statement (with its options) from `text`, for a
+/// kernel that refuses `log`: the rules keep their matches and verdicts, so
+/// the ruleset is exactly as strict, only silent. Returns the text and how
+/// many statements were removed.
+pub fn strip_log_statements(text: &str) -> (String, usize) {
+    let mut removed = 0;
+    let lines: Vec<String> = text
+        .lines()
+        .map(|line| {
+            // (start, end, quoted) of each word outside comments.
+            let mut words: Vec<(usize, usize, bool)> = Vec::new();
+            let bytes = line.as_bytes();
+            let mut i = 0;
+            while i < bytes.len() {
+                match bytes[i] {
+                    b'#' => break,
+                    b'"' => {
+                        let start = i;
+                        i += 1;
+                        while i < bytes.len() && bytes[i] != b'"' {
+                            i += 1;
+                        }
+                        i = (i + 1).min(bytes.len());
+                        words.push((start, i, true));
+                    }
+                    c if c.is_ascii_whitespace() || c == b';' || c == b'{' || c == b'}' => i += 1,
+                    _ => {
+                        let start = i;
+                        while i < bytes.len()
+                            && !bytes[i].is_ascii_whitespace()
+                            && !matches!(bytes[i], b';' | b'{' | b'}' | b'"' | b'#')
+                        {
+                            i += 1;
+                        }
+                        words.push((start, i, false));
+                    }
+                }
+            }
+            let word = |k: usize| &line[words[k].0..words[k].1];
+            let mut cuts: Vec<(usize, usize)> = Vec::new();
+            let mut k = 0;
+            while k < words.len() {
+                if !words[k].2 && word(k) == "log" {
+                    let start = words[k].0;
+                    let mut end = words[k].1;
+                    k += 1;
+                    while k + 1 < words.len() && !words[k].2 && LOG_OPTIONS.contains(&word(k)) {
+                        end = words[k + 1].1;
+                        k += 2;
+                    }
+                    cuts.push((start, end));
+                    removed += 1;
+                } else {
+                    k += 1;
+                }
+            }
+            let mut out = line.to_string();
+            for (start, end) in cuts.into_iter().rev() {
+                // Take one separating space with the statement.
+                let end = if out[end..].starts_with(' ') {
+                    end + 1
+                } else {
+                    end
+                };
+                out.replace_range(start..end, "");
+            }
+            out
+        })
+        .collect();
+    let mut out = lines.join("\n");
+    if text.ends_with('\n') {
+        out.push('\n');
+    }
+    (out, removed)
+}
+
 fn tokenize(text: &str) -> anyhow::Result<Vec<Token>> {
     let mut tokens = Vec::new();
     let mut chars = text.chars().peekable();
@@ -300,6 +435,29 @@ mod tests {
     }
 
     const GOOD: &str = "table inet anklume {}\ndelete table inet anklume\ntable inet anklume {\n\tset s { type ifname; elements = { \"net-a\", \"net-b\" } }\n\tchain c { type filter hook forward priority -1; policy accept; iifname @s drop; }\n}\n";
+
+    #[test]
+    fn names_of_other_managers_tables_are_refused() {
+        for name in ["incus", "filter", "nat", "firewalld", "docker", "INCUS"] {
+            let Ok(table) = TableName::new(name) else {
+                continue;
+            };
+            let err = check_table_name(&table).unwrap_err().to_string();
+            assert!(err.contains("never replaces"), "{name}: {err}");
+        }
+        check_table_name(&table()).unwrap();
+    }
+
+    #[test]
+    fn log_statements_are_stripped_and_verdicts_kept() {
+        let text = "\t\tlimit name \"b\" log prefix \"FW-DENY log \" level info\n\t\tct state invalid log prefix \"x\" drop\n\t\t# log here\n\t\tiifname \"log\" accept\n";
+        let (out, n) = strip_log_statements(text);
+        assert_eq!(n, 2);
+        assert_eq!(
+            out,
+            "\t\tlimit name \"b\" \n\t\tct state invalid drop\n\t\t# log here\n\t\tiifname \"log\" accept\n"
+        );
+    }
 
     #[test]
     fn accepts_a_rendered_ruleset() {

@@ -16,11 +16,13 @@
 //! act, report.
 
 pub mod apply;
+pub mod effects;
 pub mod guard;
 pub mod model;
 pub mod module;
 pub mod plan;
 pub mod render;
+pub mod revoke;
 pub mod runner;
 
 /// Hex SHA-256 of a ruleset, returned by both modules so a rendered file and

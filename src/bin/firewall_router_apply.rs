@@ -1,21 +1,30 @@
 //! Ansible binary module `firewall_router_apply`: validates a rendered
 //! ruleset and makes it live and persistent where rules are enforced (the
-//! host, or later the firewall VM). It only ever touches its own table.
+//! host, or later the firewall VM), or with `state: absent` removes it. It
+//! only ever touches its own, marked table.
 
-use anklume_isolation::apply::replace_table;
-use anklume_isolation::guard::check_ruleset;
+use anklume_isolation::apply::{self, Load, ModeRules, Ownership, HOST_MODE};
+use anklume_isolation::effects::set_only_update;
+use anklume_isolation::guard::{check_ruleset, check_table_name, strip_log_statements};
 use anklume_isolation::model::TableName;
 use anklume_isolation::module::{self, Diff, Invocation, ModuleOptions, Outcome};
-use anklume_isolation::runner::fs::{read_optional, write_atomic};
+use anklume_isolation::runner::conntrack::{self, Conntrack};
+use anklume_isolation::runner::fs::{read_capped, Existing};
+use anklume_isolation::runner::lock::{ApplyLock, DEFAULT_LOCK_PATH};
 use anklume_isolation::runner::nft::Nft;
-use anklume_isolation::runner::persist::{self, UnitPaths};
+use anklume_isolation::runner::persist::{self, check_unit_path, UnitPaths};
+use anklume_isolation::runner::process::DEFAULT_TIMEOUT;
 use anklume_isolation::sha256_hex;
 use anyhow::{bail, Context};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 const DEFAULT_DEST: &str = "/etc/nftables.d/anklume-isolation.nft";
 const DEFAULT_TABLE: &str = "anklume";
+/// How many command timeouts an apply waits for another one's lock: the
+/// other apply runs at most a handful of bounded commands.
+const LOCK_WAIT_TIMEOUTS: u32 = 10;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -26,10 +35,25 @@ struct Options {
     table: Option<String>,
     mode: Option<String>,
     persist: Option<bool>,
+    state: Option<String>,
+    command_timeout: Option<u64>,
+    unit_dir: Option<PathBuf>,
+    lock_path: Option<PathBuf>,
 }
 
 impl ModuleOptions for Options {
-    const NAMES: &'static [&'static str] = &["src", "content", "dest", "table", "mode", "persist"];
+    const NAMES: &'static [&'static str] = &[
+        "src",
+        "content",
+        "dest",
+        "table",
+        "mode",
+        "persist",
+        "state",
+        "command_timeout",
+        "unit_dir",
+        "lock_path",
+    ];
 }
 
 fn main() {
@@ -39,23 +63,67 @@ fn main() {
 fn apply_module(inv: &Invocation<Options>) -> anyhow::Result<Outcome> {
     // Parse.
     let opts = &inv.options;
-    match opts.mode.as_deref().unwrap_or("host") {
-        "host" => {}
+    let mode: &ModeRules = match opts.mode.as_deref().unwrap_or("host") {
+        "host" => &HOST_MODE,
         "router" => bail!(
             "mode \"router\" (IPv4/IPv6 forwarding inside the firewall VM) is not implemented \
              yet; use mode \"host\""
         ),
         other => bail!("mode {other:?} is unknown: use \"host\""),
-    }
+    };
     let table = TableName::new(opts.table.as_deref().unwrap_or(DEFAULT_TABLE))?;
+    check_table_name(&table)?;
     let dest = opts
         .dest
         .clone()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_DEST));
-    let desired = match (&opts.src, &opts.content) {
-        (Some(src), None) => {
-            read_optional(src)?.with_context(|| format!("src {} does not exist", src.display()))?
-        }
+    check_unit_path(&dest)?;
+    let timeout = match opts.command_timeout {
+        None => DEFAULT_TIMEOUT,
+        Some(0) => bail!("command_timeout must be at least 1 (seconds)"),
+        Some(secs) => Duration::from_secs(secs),
+    };
+    let unit_dir = opts
+        .unit_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(persist::SYSTEMD_UNIT_DIR));
+    let unit_paths = UnitPaths::new(&unit_dir, &table);
+    let nft = Nft::find()
+        .context("nft is not installed here: install the nftables package")?
+        .with_timeout(timeout);
+
+    // One apply at a time on this machine, from the first look at the live
+    // table to the last file written.
+    let lock_path = opts
+        .lock_path
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_LOCK_PATH));
+    let _lock = ApplyLock::acquire(&lock_path, timeout * LOCK_WAIT_TIMEOUTS)?;
+
+    match opts.state.as_deref().unwrap_or("present") {
+        "present" => present(inv, &nft, &table, mode, &dest, &unit_paths),
+        "absent" => absent(inv, &nft, &table, &dest, &unit_paths),
+        other => bail!("state {other:?} is unknown: use \"present\" or \"absent\""),
+    }
+}
+
+fn present(
+    inv: &Invocation<Options>,
+    nft: &Nft,
+    table: &TableName,
+    mode: &ModeRules,
+    dest: &Path,
+    unit_paths: &UnitPaths,
+) -> anyhow::Result<Outcome> {
+    let opts = &inv.options;
+    let mut warnings = Vec::new();
+    let mut desired = match (&opts.src, &opts.content) {
+        (Some(src), None) => read_capped(src, apply::MAX_RULESET_BYTES)?
+            .with_context(|| format!("src {} does not exist", src.display()))?,
+        (None, Some(content)) if content.len() as u64 > apply::MAX_RULESET_BYTES => bail!(
+            "content is larger than {} bytes: refused",
+            apply::MAX_RULESET_BYTES
+        ),
         (None, Some(content)) => content.clone(),
         (Some(_), Some(_)) => bail!("give either `src` or `content`, not both"),
         (None, None) => {
@@ -63,27 +131,78 @@ fn apply_module(inv: &Invocation<Options>) -> anyhow::Result<Outcome> {
         }
     };
 
-    // Validate: our table only, then the kernel's own check.
-    check_ruleset(&desired, &table)?;
-    let nft = Nft::find().context("nft is not installed here: install the nftables package")?;
+    // Validate: our table only (text), what this kernel supports, the
+    // kernel's own check, then what the ruleset does (scratch namespace).
+    check_ruleset(&desired, table)?;
+    if !nft.probe().log {
+        let (stripped, removed) = strip_log_statements(&desired);
+        if removed > 0 {
+            warnings.push(format!(
+                "this kernel refuses nft `log` (no nft_log, or a namespace without \
+                 nf_log_all_netns): {removed} log statement(s) were left out; the rules and \
+                 their verdicts are unchanged, only silent"
+            ));
+            desired = stripped;
+            check_ruleset(&desired, table)?;
+        }
+    }
     nft.check(&desired)?;
+    let verified = apply::verify(nft, table, &desired, mode)?;
+    let files = apply::Files::read(dest)?;
+    let applied = match &files.current {
+        Existing::Text(text) => Some(text.as_str()),
+        _ => None,
+    };
+    let owned = apply::ownership(nft, table, applied)?;
+    if owned == Ownership::Adopted {
+        warnings.push(format!(
+            "table inet {table} had no ownership mark but is exactly what {} loads: adopted \
+             (applied by an older version) and marked now",
+            dest.display()
+        ));
+    }
 
-    // Plan: compare what the kernel would hold with what it holds.
-    let want = nft.canonical_of(&desired, &table)?;
-    let live_changed = nft.table_canonical(&table)?.as_ref() != Some(&want);
-    let previous_file = read_optional(&dest)?;
-    let file_changed = previous_file.as_deref() != Some(desired.as_str());
-    let unit = opts.persist.unwrap_or(true).then(|| {
-        let paths = UnitPaths::new(Path::new(persist::SYSTEMD_UNIT_DIR), &table);
-        let text = persist::unit_text(&table, &dest, nft.program());
-        (paths, text)
+    // Plan: compare what the kernel would hold with what it holds (nft's
+    // JSON leaves out the table comment: an adopted table is reloaded to
+    // carry the mark).
+    let old_table = match owned {
+        Ownership::Absent => None,
+        Ownership::Ours | Ownership::Adopted => nft.table_canonical(table)?,
+    };
+    let live = match owned {
+        Ownership::Ours => old_table.clone(),
+        Ownership::Absent | Ownership::Adopted => None,
+    };
+    let live_changed = live.as_ref() != Some(&verified.want);
+    // Only set contents changed: update them in one transaction instead of
+    // swapping the whole table.
+    let set_batch = live
+        .as_ref()
+        .and_then(|live| set_only_update(live, &verified.want));
+    let load = live_changed.then(|| match &set_batch {
+        Some(batch) => Load::Sets(batch),
+        None => Load::Table(&desired),
     });
+    let file_changed = !files.holds(&desired);
+    if let Existing::Unreadable(_) = files.current {
+        warnings.push(format!(
+            "{} was not UTF-8 text (corrupted?): it is kept as {} and replaced",
+            dest.display(),
+            files.previous_path().display()
+        ));
+    }
+    let unit = match opts.persist.unwrap_or(true) {
+        true => {
+            let fallback = persist::boot_fallback(table, &verified.bridges, &verified.wildcards)?;
+            Some(persist::unit_text(table, dest, nft.program(), &fallback)?)
+        }
+        false => None,
+    };
     let unit_changed = match &unit {
-        Some((paths, text)) => !paths.is_current(text)?,
+        Some(text) => !unit_paths.is_current(text)?,
         None => false,
     };
-    let mut warnings = Vec::new();
-    let foreign = nft.foreign_forward_drop_chains(&table)?;
+    let foreign = nft.foreign_forward_drop_chains(table)?;
     if !foreign.is_empty() {
         warnings.push(format!(
             "other tables have forward chains with a drop policy ({}): they may drop traffic \
@@ -91,71 +210,140 @@ fn apply_module(inv: &Invocation<Options>) -> anyhow::Result<Outcome> {
             foreign.join("; ")
         ));
     }
-    if !file_changed && live_changed {
+    if !file_changed && live_changed && owned == Ownership::Ours {
         warnings.push(format!(
             "the live table inet {table} differed from {}: it was changed outside this module",
             dest.display()
         ));
     }
 
-    // Act (not in check mode): live table first, so a file on disk never
-    // describes rules that failed to load.
+    let mut revoked = None;
+    // Act (not in check mode). The boot unit first: it loads `dest`, which
+    // stays the last good ruleset until the live table is confirmed.
     if !inv.check_mode {
-        if live_changed {
-            replace_table(&nft, &table, &desired, &want)?;
-        }
-        if file_changed {
-            if let Some(previous) = &previous_file {
-                write_atomic(&previous_path(&dest), previous, 0o644)?;
-            }
-            write_atomic(&dest, &desired, 0o644)?;
-        }
-        if let Some((paths, text)) = &unit {
+        if let Some(text) = &unit {
             if unit_changed {
-                paths.install(text)?;
+                unit_paths.install(text)?;
+                if !persist::systemd_is_running() {
+                    warnings.push(format!(
+                        "systemd is not running here: {} is installed and enabled for the next \
+                         boot under systemd",
+                        unit_paths.unit.display()
+                    ));
+                }
             }
-            if unit_changed && !persist::systemd_is_running() {
-                warnings.push(format!(
-                    "systemd is not running here: {} is installed and enabled for the next boot \
-                     under systemd",
-                    paths.unit.display()
-                ));
-            }
+        }
+        if live_changed || file_changed {
+            apply::commit(nft, table, &desired, &verified.want, load, &files)?;
+        }
+        if let (true, Some(old)) = (live_changed, &old_table) {
+            revoked = cut_revoked(table, old, &verified.want, nft.timeout(), &mut warnings);
         }
     }
 
     // Report.
+    let before = match &files.current {
+        Existing::Text(text) => text.clone(),
+        _ => String::new(),
+    };
     let mut outcome = Outcome::new(live_changed || file_changed || unit_changed);
     outcome.warnings = warnings;
     outcome.diff = Some(Diff {
-        before: previous_file.clone().unwrap_or_default(),
+        before,
         after: desired.clone(),
         before_header: dest.display().to_string(),
         after_header: dest.display().to_string(),
     });
     outcome
+        .set("state", "present")
         .set("dest", dest.display().to_string())
         .set("sha256", sha256_hex(&desired))
         .set("table", format!("inet {table}"))
         .set("live_changed", live_changed)
+        .set("update", load.map(|load| load.kind()))
+        .set("revoked_connections", revoked)
         .set("file_changed", file_changed)
         .set(
             "previous",
-            previous_file
-                .filter(|_| file_changed)
-                .map(|_| previous_path(&dest).display().to_string()),
+            (file_changed && files.current != Existing::Missing)
+                .then(|| files.previous_path().display().to_string()),
         )
         .set(
             "unit",
-            unit.as_ref()
-                .map(|(paths, _)| paths.unit.display().to_string()),
+            unit.as_ref().map(|_| unit_paths.unit.display().to_string()),
         );
     Ok(outcome)
 }
 
-/// Where the file being replaced is kept: `<dest>.previous`.
-fn previous_path(dest: &Path) -> PathBuf {
-    let mut name = dest.as_os_str().to_owned();
-    name.push(".previous");
-    PathBuf::from(name)
+/// `state: absent`: our table, its file, `.previous` and the boot unit,
+/// nothing else.
+fn absent(
+    inv: &Invocation<Options>,
+    nft: &Nft,
+    table: &TableName,
+    dest: &Path,
+    unit_paths: &UnitPaths,
+) -> anyhow::Result<Outcome> {
+    // Someone else's table of this name: refuse before removing anything.
+    let applied = match apply::Files::read(dest)?.current {
+        Existing::Text(text) => Some(text),
+        _ => None,
+    };
+    apply::ownership(nft, table, applied.as_deref())?;
+    let unit_exists = unit_paths.exists();
+    if unit_exists && !inv.check_mode {
+        // The unit first: a crash half-way must not leave a boot unit that
+        // loads the fail-closed fallback without its file.
+        unit_paths.remove()?;
+    }
+    let removed = apply::remove(nft, table, dest, inv.check_mode)?;
+    let mut outcome = Outcome::new(removed.table || !removed.files.is_empty() || unit_exists);
+    outcome
+        .set("state", "absent")
+        .set("table", format!("inet {table}"))
+        .set("table_removed", removed.table)
+        .set(
+            "files_removed",
+            removed
+                .files
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>(),
+        )
+        .set(
+            "unit",
+            unit_exists.then(|| unit_paths.unit.display().to_string()),
+        );
+    Ok(outcome)
+}
+
+/// Cuts the connections the new table no longer admits; a failure here is a
+/// warning (the new rules are live and stop every new connection).
+fn cut_revoked(
+    table: &TableName,
+    old: &serde_json::Value,
+    new: &serde_json::Value,
+    timeout: Duration,
+    warnings: &mut Vec<String>,
+) -> Option<usize> {
+    let Some(conntrack) = Conntrack::find(timeout) else {
+        warnings.push(
+            "conntrack (conntrack-tools) is not installed: connections opened under an \
+             allowance this apply removed keep running until they end; install it to cut them"
+                .to_string(),
+        );
+        return None;
+    };
+    let cut = conntrack::interfaces(timeout)
+        .and_then(|ifs| apply::cut_revoked(table, old, new, &conntrack, &ifs));
+    match cut {
+        Ok(n) => Some(n),
+        Err(err) => {
+            warnings.push(format!(
+                "the new rules are live, but cutting the connections they no longer allow \
+                 failed: {err:#}"
+            ));
+            None
+        }
+    }
 }

@@ -12,6 +12,11 @@ use std::sync::OnceLock;
 
 const HOST_TEMPLATE: &str = include_str!("host.nft.j2");
 
+/// The comment every table we render carries: the enforcer refuses to
+/// replace or delete a live table of the same name without it (Incus's
+/// `inet incus`, or anyone else's), so it only ever touches what it made.
+pub const TABLE_COMMENT: &str = "managed by anklume-isolation";
+
 fn environment() -> &'static Environment<'static> {
     static ENV: OnceLock<Environment<'static>> = OnceLock::new();
     ENV.get_or_init(|| {
@@ -99,6 +104,7 @@ struct LoggingView {
 struct HostView {
     summary: String,
     table: String,
+    table_comment: &'static str,
     wildcard: String,
     sets: Vec<SetView>,
     forward_accepts: Vec<&'static str>,
@@ -330,6 +336,7 @@ pub fn host(plan: &HostPlan) -> anyhow::Result<String> {
     let view = HostView {
         summary: summary(plan),
         table: plan.table.to_string(),
+        table_comment: TABLE_COMMENT,
         wildcard: plan.pattern.wildcard(),
         sets,
         forward_accepts,

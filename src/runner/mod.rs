@@ -1,8 +1,10 @@
 //! The only layer that spawns processes or touches files: `nft`, `incus`,
 //! atomic files and the boot-time unit.
 
+pub mod conntrack;
 pub mod fs;
 pub mod incus;
+pub mod lock;
 pub mod nft;
 pub mod persist;
 pub mod process;

@@ -1,13 +1,15 @@
 //! The thin layer that talks to `nft`. Rulesets go in on stdin, so nothing
 //! half-written ever sits on disk; nft's own stderr is part of every error.
 
-use super::process::{find_program, run_with_stdin};
+use super::process::{find_program, run_with_timeout, DEFAULT_TIMEOUT};
+use crate::effects::{table_comment, Listing};
 use crate::model::TableName;
 use crate::plan::Capabilities;
 use anyhow::Context;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 /// Where nft reads a ruleset given on stdin; rewritten in messages.
 const STDIN_PATH: &str = "/dev/stdin";
@@ -18,6 +20,42 @@ const STDIN_PATH: &str = "/dev/stdin";
 pub struct Nft {
     program: PathBuf,
     netns: Option<String>,
+    timeout: Duration,
+}
+
+/// Tables standing in for the other managers' in the scratch namespace
+/// (Incus's, iptables-nft's): loading our ruleset must leave them exactly
+/// as they were. Filter chains only, so any kernel that runs nft loads them.
+const SENTINEL_TABLES: &str = "table inet incus {
+	chain fwd.sentinel {
+		type filter hook forward priority filter; policy accept;
+		oifname \"sentinel0\" accept
+	}
+}
+table ip filter {
+	chain FORWARD {
+		type filter hook forward priority filter; policy accept;
+	}
+}
+table ip6 filter {
+	chain INPUT {
+		type filter hook input priority filter; policy accept;
+	}
+}
+";
+
+/// Separates the listings the scratch namespace prints.
+const SCRATCH_SEPARATOR: &str = ":::anklume-isolation:::";
+
+/// What a ruleset does, seen in a scratch network namespace.
+#[derive(Debug)]
+pub struct Scratch {
+    /// The sentinel tables alone.
+    pub before: Listing,
+    /// After loading the ruleset next to them.
+    pub after: Listing,
+    /// Our table's comment (nft 1.0.6 prints it only in text listings).
+    pub comment: Option<String>,
 }
 
 impl Nft {
@@ -25,7 +63,14 @@ impl Nft {
         find_program("nft").map(|program| Nft {
             program,
             netns: None,
+            timeout: DEFAULT_TIMEOUT,
         })
+    }
+
+    /// The same nft, whose every run is killed after `timeout`.
+    pub fn with_timeout(mut self, timeout: Duration) -> Nft {
+        self.timeout = timeout;
+        self
     }
 
     /// The same nft, run inside the named network namespace
@@ -34,7 +79,13 @@ impl Nft {
         Nft {
             program: self.program.clone(),
             netns: Some(netns.to_string()),
+            timeout: self.timeout,
         }
+    }
+
+    /// How long each nft run may take; other tools of the same run use it.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     pub fn program(&self) -> &Path {
@@ -57,7 +108,7 @@ impl Nft {
     fn run(&self, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
         let mut cmd = self.command();
         cmd.args(args);
-        run_with_stdin(cmd, stdin).map_err(|err| {
+        run_with_timeout(cmd, stdin, self.timeout).map_err(|err| {
             anyhow::anyhow!(
                 "nft {}: {}",
                 args.join(" "),
@@ -71,6 +122,11 @@ impl Nft {
         self.run(&["-c", "-f", STDIN_PATH], Some(ruleset))
             .map(drop)
             .context("the ruleset does not pass `nft -c`")
+    }
+
+    /// `nft -j -f`: one atomic transaction given as nft's JSON commands.
+    pub fn load_json(&self, batch: &str) -> anyhow::Result<()> {
+        self.run(&["-j", "-f", STDIN_PATH], Some(batch)).map(drop)
     }
 
     /// `nft -f`: one atomic transaction.
@@ -94,21 +150,27 @@ impl Nft {
             .map(Some)
     }
 
-    /// The live table in canonical JSON form, if it exists.
+    /// The live table in canonical JSON form, if it exists: read the same
+    /// way as the scratch namespace's listing, so the two compare.
     pub fn table_canonical(&self, table: &TableName) -> anyhow::Result<Option<Value>> {
         if !self.table_exists(table)? {
             return Ok(None);
         }
         let out = self.run(&["-j", "list", "table", "inet", table.as_str()], None)?;
-        let json: Value = serde_json::from_str(&out).context("nft printed invalid JSON")?;
-        Ok(Some(canonical(json)))
+        Ok(Some(Listing::parse(&out)?.table_canonical(table.as_str())))
     }
 
-    /// What `ruleset` becomes once loaded, in canonical JSON form: it is
-    /// loaded into a throwaway network namespace (`unshare --net`) and
-    /// listed from there, so the comparison with the live table is done by
-    /// the kernel and nft themselves, not by re-parsing text.
-    pub fn canonical_of(&self, ruleset: &str, table: &TableName) -> anyhow::Result<Value> {
+    /// The live table's comment: `None` when the table does not exist,
+    /// `Some(None)` when it has no comment.
+    pub fn table_comment(&self, table: &TableName) -> anyhow::Result<Option<Option<String>>> {
+        Ok(self.table_text(table)?.map(|text| table_comment(&text)))
+    }
+
+    /// Loads `ruleset` into a throwaway network namespace (`unshare --net`)
+    /// next to [`SENTINEL_TABLES`] and lists the result, so what the ruleset
+    /// does is read from the kernel and nft themselves, not by re-parsing
+    /// text. The host's tables are never involved.
+    pub fn scratch(&self, ruleset: &str, table: &TableName) -> anyhow::Result<Scratch> {
         let unshare = find_program("unshare").context(
             "`unshare` (util-linux) is needed to compare rulesets in a scratch namespace",
         )?;
@@ -121,17 +183,30 @@ impl Nft {
             }
         };
         cmd.args(["--net", "--", "/bin/sh", "-c"])
-            .arg(r#""$0" -f /dev/stdin && exec "$0" -j list table inet "$1""#)
+            .arg(
+                r#"printf '%s' "$2" | "$0" -f /dev/stdin && "$0" -j list ruleset && echo "$3" &&
+                   "$0" -f /dev/stdin && "$0" -j list ruleset && echo "$3" &&
+                   exec "$0" list table inet "$1""#,
+            )
             .arg(&self.program)
-            .arg(table.as_str());
-        let out = run_with_stdin(cmd, Some(ruleset)).map_err(|err| {
+            .arg(table.as_str())
+            .arg(SENTINEL_TABLES)
+            .arg(SCRATCH_SEPARATOR);
+        let out = run_with_timeout(cmd, Some(ruleset), self.timeout).map_err(|err| {
             anyhow::anyhow!(
                 "loading the ruleset in a scratch network namespace: {}",
                 err.to_string().replace(STDIN_PATH, "ruleset")
             )
         })?;
-        let json: Value = serde_json::from_str(&out).context("nft printed invalid JSON")?;
-        Ok(canonical(json))
+        let parts: Vec<&str> = out.split(SCRATCH_SEPARATOR).collect();
+        let [before, after, text] = parts[..] else {
+            anyhow::bail!("the scratch namespace printed an unexpected listing");
+        };
+        Ok(Scratch {
+            before: Listing::parse(before)?,
+            after: Listing::parse(after)?,
+            comment: table_comment(text),
+        })
     }
 
     /// Probes what the kernel accepts, with `nft -c` on a throwaway table
