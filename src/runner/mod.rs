@@ -3,6 +3,7 @@
 
 pub mod fs;
 pub mod incus;
+pub mod incus_api;
 pub mod nft;
 pub mod persist;
 pub mod process;
