@@ -10,6 +10,7 @@
 
 pub mod eval;
 pub mod profile;
+pub mod router;
 
 use crate::model::{
     BridgePattern, DomainBridge, Endpoint, IfName, LogSettings, Name, PortSpan, Protocol,
