@@ -4,11 +4,13 @@
 
 use anklume_isolation::apply::replace_table;
 use anklume_isolation::guard::check_ruleset;
+use anklume_isolation::model::firewall::{parse_interfaces, RawInterface};
 use anklume_isolation::model::TableName;
 use anklume_isolation::module::{self, Diff, Invocation, ModuleOptions, Outcome};
 use anklume_isolation::runner::fs::{read_optional, write_atomic};
 use anklume_isolation::runner::nft::Nft;
 use anklume_isolation::runner::persist::{self, UnitPaths};
+use anklume_isolation::runner::router::{self, RouterPaths};
 use anklume_isolation::sha256_hex;
 use anyhow::{bail, Context};
 use serde::Deserialize;
@@ -26,10 +28,19 @@ struct Options {
     table: Option<String>,
     mode: Option<String>,
     persist: Option<bool>,
+    interfaces: Option<Vec<RawInterface>>,
 }
 
 impl ModuleOptions for Options {
-    const NAMES: &'static [&'static str] = &["src", "content", "dest", "table", "mode", "persist"];
+    const NAMES: &'static [&'static str] = &[
+        "src",
+        "content",
+        "dest",
+        "table",
+        "mode",
+        "persist",
+        "interfaces",
+    ];
 }
 
 fn main() {
@@ -39,14 +50,16 @@ fn main() {
 fn apply_module(inv: &Invocation<Options>) -> anyhow::Result<Outcome> {
     // Parse.
     let opts = &inv.options;
-    match opts.mode.as_deref().unwrap_or("host") {
-        "host" => {}
-        "router" => bail!(
-            "mode \"router\" (IPv4/IPv6 forwarding inside the firewall VM) is not implemented \
-             yet; use mode \"host\""
+    // Router mode (inside the firewall instance) also gives each interface
+    // its router addresses and turns forwarding on, after the table is live.
+    let router = match opts.mode.as_deref().unwrap_or("host") {
+        "host" => None,
+        "router" => Some(
+            parse_interfaces(opts.interfaces.as_deref().unwrap_or_default())
+                .context("mode \"router\" needs `interfaces`")?,
         ),
-        other => bail!("mode {other:?} is unknown: use \"host\""),
-    }
+        other => bail!("mode {other:?} is unknown: use \"host\" or \"router\""),
+    };
     let table = TableName::new(opts.table.as_deref().unwrap_or(DEFAULT_TABLE))?;
     let dest = opts
         .dest
@@ -73,7 +86,9 @@ fn apply_module(inv: &Invocation<Options>) -> anyhow::Result<Outcome> {
     let live_changed = nft.table_canonical(&table)?.as_ref() != Some(&want);
     let previous_file = read_optional(&dest)?;
     let file_changed = previous_file.as_deref() != Some(desired.as_str());
-    let unit = opts.persist.unwrap_or(true).then(|| {
+    let persist = opts.persist.unwrap_or(true);
+    // The router's boot hook loads the table itself, before its addresses.
+    let unit = (persist && router.is_none()).then(|| {
         let paths = UnitPaths::new(Path::new(persist::SYSTEMD_UNIT_DIR), &table);
         let text = persist::unit_text(&table, &dest, nft.program());
         (paths, text)
@@ -124,8 +139,22 @@ fn apply_module(inv: &Invocation<Options>) -> anyhow::Result<Outcome> {
         }
     }
 
+    let router_report = match &router {
+        None => None,
+        Some(interfaces) => {
+            let mut report = router::converge_live(interfaces, inv.check_mode)?;
+            if persist {
+                let paths = RouterPaths::new(Path::new("/"), &table);
+                report.persisted =
+                    router::persist(&paths, interfaces, &dest, nft.program(), inv.check_mode)?;
+            }
+            Some(report)
+        }
+    };
+
     // Report.
-    let mut outcome = Outcome::new(live_changed || file_changed || unit_changed);
+    let router_changed = router_report.as_ref().is_some_and(|r| r.changed());
+    let mut outcome = Outcome::new(live_changed || file_changed || unit_changed || router_changed);
     outcome.warnings = warnings;
     outcome.diff = Some(Diff {
         before: previous_file.clone().unwrap_or_default(),
@@ -149,7 +178,8 @@ fn apply_module(inv: &Invocation<Options>) -> anyhow::Result<Outcome> {
             "unit",
             unit.as_ref()
                 .map(|(paths, _)| paths.unit.display().to_string()),
-        );
+        )
+        .set("router", &router_report);
     Ok(outcome)
 }
 

@@ -7,3 +7,4 @@ pub mod incus_api;
 pub mod nft;
 pub mod persist;
 pub mod process;
+pub mod router;
