@@ -14,7 +14,7 @@ VENV      ?= /opt/anklume-lab/venv
 export PATH := $(VENV)/bin:$(or $(HOME),/root)/.cargo/bin:$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 
-MODULES   := incus_nftables_render firewall_router_apply incus_firewall_vm_profile
+MODULES   := incus_nftables_render firewall_router_apply incus_firewall_vm_profile firewall_vm_routing
 # Static binaries: a binary module must run on targets without our libc
 # (busybox containers, the firewall VM) and needs only /bin/sh there.
 RUSTFLAGS_STATIC := -C target-feature=+crt-static

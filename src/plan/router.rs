@@ -9,6 +9,7 @@
 //! policies. Its sets are keyed by the firewall's interface names, which the
 //! plan derives from the bridges through the interface list.
 
+pub mod host_routes;
 pub mod links;
 
 use super::{AddressSets, Capabilities, HostPlan, HostPlanInput, PolicyEffect, Warnings};

@@ -2,6 +2,7 @@
 //! atomic files and the boot-time unit.
 
 pub mod fs;
+pub mod host_routes;
 pub mod incus;
 pub mod incus_api;
 pub mod nft;

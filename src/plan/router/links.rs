@@ -208,7 +208,7 @@ mod tests {
     fn a_vm_link_is_found_by_mac_renamed_brought_up_and_addressed() {
         let i = iface("net-pro", 1);
         let steps = link_steps(
-            &[i.clone()],
+            std::slice::from_ref(&i),
             &[link("enp5s0", &i, false, &["fd00:1::1234/64"])],
         )
         .unwrap();
@@ -248,7 +248,9 @@ mod tests {
     #[test]
     fn a_missing_nic_or_a_taken_name_fails_with_what_to_do() {
         let i = iface("net-pro", 1);
-        let err = link_steps(&[i.clone()], &[]).unwrap_err().to_string();
+        let err = link_steps(std::slice::from_ref(&i), &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("attach the profile"), "{err}");
         let other = Link {
             name: "net-pro".into(),
@@ -256,9 +258,12 @@ mod tests {
             up: true,
             global: BTreeSet::new(),
         };
-        let err = link_steps(&[i.clone()], &[link("eth1", &i, true, &[]), other])
-            .unwrap_err()
-            .to_string();
+        let err = link_steps(
+            std::slice::from_ref(&i),
+            &[link("eth1", &i, true, &[]), other],
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("taken by another link"), "{err}");
     }
 
