@@ -185,7 +185,10 @@ fn router_defaults_follow_anklume() {
     let logs = text.matches(" log prefix ").count();
     let limited = text.matches("limit name \"log_budget\" log prefix").count();
     assert_eq!(logs, limited, "every log line is behind the shared limit");
-    assert!(text.contains("meta l4proto { icmp, ipv6-icmp } accept"));
+    assert!(text.contains("meta l4proto { 1, 58 } accept"));
+    // Protocol names other than nft's keywords resolve through
+    // /etc/protocols, which minimal systems (Debian minbase) lack.
+    assert!(!text.contains("ipv6-icmp"));
     let strict = render_case(&Case {
         icmp: false,
         ..Case::new("no-icmp")
@@ -195,9 +198,9 @@ fn router_defaults_follow_anklume() {
         let to = text.find("chain input").unwrap();
         text[from..to].to_string()
     };
-    assert!(cross_domain(&text).contains("icmp"));
+    assert!(cross_domain(&text).contains("l4proto { 1, 58 }"));
     assert!(
-        !cross_domain(&strict).contains("icmp"),
+        !cross_domain(&strict).contains("l4proto"),
         "icmp: false removes ICMP from the cross-domain accepts"
     );
 }
