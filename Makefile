@@ -19,14 +19,21 @@ MODULES   := incus_nftables_render firewall_router_apply incus_firewall_vm_profi
 # (busybox containers, the firewall VM) and needs only /bin/sh there.
 RUSTFLAGS_STATIC := -C target-feature=+crt-static
 TARGET    := x86_64-unknown-linux-gnu
-SCENARIOS := host_isolation policies
+SCENARIOS := host_isolation policies firewall_vm
 # `make nftables-deploy CHECK=1` is the dry run: validate and show the diff,
 # install nothing.
 CHECK_ARGS := $(if $(CHECK),--check --diff,)
+# `make demo FIREWALL_MODE=vm`: the firewall instance routes and enforces
+# between domains (the lab's Debian container stands in for the VM).
+# Empty: the mode comes from the inventory or infra.yml (host by default).
+FIREWALL_MODE ?=
+# The matrix's instances (the firewall has no eth0 to probe).
+MATRIX_INSTANCES := anklume-instance,anklume-probe,pro-dev,pro-web,perso-desk
 
 .PHONY: help
 help:
 	@echo "make demo            lab up, render in the anklume container, apply on the host, reachability matrix"
+	@echo "                     FIREWALL_MODE=vm: through the firewall instance (vm mode)"
 	@echo "make test            every test: fmt, clippy, unit, golden, netns, ansible-lint, molecule"
 	@echo "make build           build the binary modules into library/"
 	@echo "make nftables        render the ruleset inside the anklume container (changes nothing on the host)"
@@ -71,8 +78,9 @@ matrix:
 	python3 lab/reach.py matrix
 
 demo: lab-up build
-	ansible-playbook playbooks/site.yml
-	python3 lab/reach.py matrix
+	$(if $(filter vm,$(FIREWALL_MODE)),lab/lab.sh firewall)
+	ansible-playbook playbooks/site.yml $(if $(FIREWALL_MODE),-e firewall_mode=$(FIREWALL_MODE))
+	python3 lab/reach.py matrix --instances $(MATRIX_INSTANCES)
 
 # --- tests ---------------------------------------------------------------------
 
