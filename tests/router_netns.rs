@@ -75,7 +75,13 @@ impl Lab {
             );
         };
         add(&fw);
-        must(&fw, "ip link set lo up");
+        // A new namespace inherits IPv4 forwarding from the host's: start
+        // from a kernel that does not forward, as a fresh instance does.
+        must(
+            &fw,
+            "ip link set lo up && echo 0 >/proc/sys/net/ipv4/ip_forward && \
+             echo 0 >/proc/sys/net/ipv6/conf/all/forwarding",
+        );
         for (i, (_, n)) in DOMAINS.iter().enumerate() {
             let ns = format!("ank-i8-{tag}-d{n}-{pid}");
             add(&ns);
@@ -231,6 +237,10 @@ fn the_router_forwards_only_what_the_ruleset_allows_over_ipv4_and_ipv6() {
     assert_eq!(dry["changed"], true);
     assert!(!dest.exists());
     assert!(must(&lab.fw, "ip -br link").contains("tmp0"));
+    must(
+        &lab.fw,
+        "for l in tmp0 tmp1 tmp2; do echo 2 >/proc/sys/net/ipv6/conf/$l/accept_ra; done",
+    );
 
     let first = lab.module(args(&lab, &content, &dest, false));
     assert_eq!(first["failed"], false, "{first}");

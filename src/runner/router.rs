@@ -11,7 +11,8 @@ use super::process::{find_program, run_with_stdin};
 use crate::model::firewall::{FirewallInterface, MacAddr};
 use crate::model::TableName;
 use crate::plan::router::links::{
-    boot_script, link_steps, sysctl_conf, sysctl_path, Link, LinkStep, FORWARDING_SYSCTLS,
+    boot_script, link_steps, link_sysctl_path, sysctl_conf, sysctl_path, Link, LinkStep,
+    FORWARDING_SYSCTLS, LINK_SYSCTLS,
 };
 use anyhow::Context;
 use serde::Serialize;
@@ -187,10 +188,33 @@ pub fn converge_live(
             }
         }
     }
+    // Renames and links up first: the per-interface settings are named
+    // after the interface, and must be in place before addresses are
+    // removed, or a router advertisement puts a SLAAC address back.
+    let (links, addresses): (Vec<&LinkStep>, Vec<&LinkStep>) = steps
+        .iter()
+        .partition(|s| matches!(s, LinkStep::Rename { .. } | LinkStep::Up { .. }));
     if !check_mode {
-        for step in &steps {
-            apply_step(step)?;
+        links.into_iter().try_for_each(apply_step)?;
+    }
+    for iface in interfaces {
+        for (key, value) in LINK_SYSCTLS {
+            let path = link_sysctl_path(iface.name.as_str(), key);
+            // Before a rename (check mode) the path may not exist yet.
+            let current = read_optional(Path::new(&path))?.unwrap_or_default();
+            if current.trim() != value {
+                report
+                    .link_steps
+                    .push(format!("set {key}={value} on {}", iface.name));
+                if !check_mode {
+                    std::fs::write(&path, value)
+                        .with_context(|| format!("cannot set {key} on {}", iface.name))?;
+                }
+            }
         }
+    }
+    if !check_mode {
+        addresses.into_iter().try_for_each(apply_step)?;
     }
     Ok(report)
 }
@@ -281,7 +305,7 @@ mod tests {
     #[test]
     fn persistence_goes_to_inittab_when_there_is_one_and_is_idempotent() {
         let root = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(root.path().join("etc")).unwrap();
+        std::fs::create_dir_all(root.path().join("etc/systemd/system")).unwrap();
         std::fs::write(root.path().join("etc/inittab"), "::sysinit:/etc/lab/rc\n").unwrap();
         let table = TableName::new("anklume").unwrap();
         let paths = RouterPaths::new(root.path(), &table);

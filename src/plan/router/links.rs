@@ -53,6 +53,17 @@ pub const FORWARDING_SYSCTLS: [(&str, &str); 2] = [
     ("net.ipv6.conf.all.forwarding", "1"),
 ];
 
+/// IPv6 settings of each router interface: a router's addresses are its
+/// own, never taken from router advertisements (an image may accept them
+/// even with forwarding on, `accept_ra=2`, and SLAAC would give the firewall
+/// a second address on every bridge).
+pub const LINK_SYSCTLS: [(&str, &str); 2] = [("accept_ra", "0"), ("autoconf", "0")];
+
+/// `/proc/sys` path of an IPv6 setting of one interface.
+pub fn link_sysctl_path(iface: &str, key: &str) -> String {
+    format!("/proc/sys/net/ipv6/conf/{iface}/{key}")
+}
+
 /// `/proc/sys/...` path of a sysctl key.
 pub fn sysctl_path(key: &str) -> String {
     format!("/proc/sys/{}", key.replace('.', "/"))
@@ -158,6 +169,8 @@ pub fn boot_script(interfaces: &[FirewallInterface], ruleset: &Path, nft: &Path)
          \tdev=$(by_mac \"$1\") || return 1\n\
          \tif [ \"$dev\" != \"$2\" ]; then ip link set dev \"$dev\" down; ip link set dev \"$dev\" name \"$2\"; fi\n\
          \tip link set dev \"$2\" up\n\
+         \techo 0 >\"/proc/sys/net/ipv6/conf/$2/accept_ra\"\n\
+         \techo 0 >\"/proc/sys/net/ipv6/conf/$2/autoconf\"\n\
          \tname=$2; shift 2\n\
          \tfor a in \"$@\"; do\n\
          \t\tcase $a in\n\
