@@ -100,7 +100,11 @@ unit:
 molecule: build
 	for s in $(SCENARIOS); do molecule test -s $$s; done
 
-.PHONY: bench bench-forwarding
+.PHONY: bench bench-forwarding bench-firewall-vm
+# Through the firewall instance (vm mode) vs host-mode routing, on the lab
+# (run it under the lab lock when the lab is shared).
+bench-firewall-vm: build
+	bench/firewall-vm.sh
 # Forwarding through 1000 domains: sets vs no ruleset vs the linear designs
 # (network namespaces made and removed by the script).
 bench-forwarding:
