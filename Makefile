@@ -18,19 +18,26 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 # rustc-web/cargo-web that `make deps` installs when there is none.
 CARGO := $(CURDIR)/lab/cargo
 
-MODULES   := incus_nftables_render firewall_router_apply
+MODULES   := incus_nftables_render firewall_router_apply incus_firewall_vm_profile firewall_vm_routing
 # Static binaries: a binary module must run on targets without our libc
 # (busybox containers, the firewall VM) and needs only /bin/sh there.
 RUSTFLAGS_STATIC := -C target-feature=+crt-static
 TARGET    := x86_64-unknown-linux-gnu
-SCENARIOS := host_isolation policies
+SCENARIOS := host_isolation policies firewall_vm
 # `make nftables-deploy CHECK=1` is the dry run: validate and show the diff,
 # install nothing.
 CHECK_ARGS := $(if $(CHECK),--check --diff,)
+# `make demo FIREWALL_MODE=vm`: the firewall instance routes and enforces
+# between domains (the lab's Debian container stands in for the VM).
+# Empty: the mode comes from the inventory or infra.yml (host by default).
+FIREWALL_MODE ?=
+# The matrix's instances (the firewall has no eth0 to probe).
+MATRIX_INSTANCES := anklume-instance,anklume-probe,pro-dev,pro-web,perso-desk
 
 .PHONY: help
 help:
 	@echo "make demo            lab up, render in the anklume container, apply on the host, reachability matrix"
+	@echo "                     FIREWALL_MODE=vm: through the firewall instance (vm mode)"
 	@echo "make test            every test: fmt, clippy, unit, golden, netns, ansible-lint, shellcheck, ruff, reach.py unit, toolchain choice, lab forwarding restore, molecule"
 	@echo "make lint            fmt, clippy, ansible-lint, shellcheck, ruff, reach.py unit tests"
 	@echo "make test-toolchain  build the modules with Debian's Rust toolchain alone (hides ~/.cargo/bin)"
@@ -80,8 +87,9 @@ matrix:
 	python3 lab/reach.py matrix
 
 demo: lab-up build
-	ansible-playbook playbooks/site.yml
-	python3 lab/reach.py matrix
+	$(if $(filter vm,$(FIREWALL_MODE)),lab/lab.sh firewall)
+	ansible-playbook playbooks/site.yml $(if $(FIREWALL_MODE),-e firewall_mode=$(FIREWALL_MODE))
+	python3 lab/reach.py matrix --instances $(MATRIX_INSTANCES)
 
 # --- tests ---------------------------------------------------------------------
 
@@ -132,6 +140,11 @@ test-stress:
 	$(CARGO) test --locked --test apply_netns -- --ignored --nocapture stress
 
 .PHONY: bench bench-forwarding
+.PHONY: bench bench-forwarding bench-firewall-vm
+# Through the firewall instance (vm mode) vs host-mode routing, on the lab
+# (run it under the lab lock when the lab is shared).
+bench-firewall-vm: build
+	bench/firewall-vm.sh
 # Forwarding through 1000 domains: sets vs no ruleset vs the linear designs
 # (network namespaces made and removed by the script).
 bench-forwarding:

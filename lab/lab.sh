@@ -5,6 +5,7 @@
 #   lab/lab.sh up       install what is missing, start incusd, build the lab
 #   lab/lab.sh down     remove every lab object (keeps incusd, packages, caches, venv)
 #   lab/lab.sh status   print the lab objects and instance addresses
+#   lab/lab.sh firewall create and start the firewall instance (vm mode)
 #
 # Safety: only objects with lab names are touched (project/pool anklume-lab,
 # bridges lab-net-*, namespace anklume-lab-up, veth lab-up-host, nft table
@@ -36,6 +37,16 @@ LAB_POOL=anklume-lab
 LAB_NET_PREFIX=lab-net-
 LAB_NFT_TABLE=anklume_lab
 ADMIN_INSTANCE=anklume-instance
+# Firewall VM mode: a Debian container stands in for the firewall VM. Its
+# NICs come from the multi-NIC profile (incus_firewall_vm_profile); the host
+# steers inter-domain traffic to it (firewall_vm_routing: nft table, policy
+# routing rules at priority 3253, tables 0x4100 and up).
+FIREWALL_INSTANCE=anklume-firewall
+FIREWALL_IMAGE=lab-debian
+ROUTE_NFT_TABLE=anklume_lab_route
+ROUTE_RULE_PREF=3253
+ROUTE_TABLE_FIRST=16640   # 0x4100
+ROUTE_TABLE_COUNT=64
 
 UP_NS=anklume-lab-up
 UP_VETH=lab-up-host
@@ -741,6 +752,43 @@ restore_forwarding() {
   rm -f "$FORWARDING_SAVED"
 }
 
+# --------------------------------------------------------------- firewall --
+# The firewall instance, without NICs of its own (default profile), started.
+# Log lines of nftables in a container's network namespace reach the kernel
+# log only with nf_log_all_netns (a VM has its own kernel and log).
+cmd_firewall() {
+  step_daemon
+  if ! iexists "$(pq "/1.0/instances/$FIREWALL_INSTANCE")"; then
+    log "creating the firewall instance $FIREWALL_INSTANCE ($FIREWALL_IMAGE)"
+    quiet incus init --project "$LAB_PROJECT" "$FIREWALL_IMAGE" "$FIREWALL_INSTANCE"
+  fi
+  if [[ $(iq "$(pq "/1.0/instances/$FIREWALL_INSTANCE")" | jq -r .status) != Running ]]; then
+    quiet incus start --project "$LAB_PROJECT" "$FIREWALL_INSTANCE"
+  fi
+  if [[ $(sysctl -n net.netfilter.nf_log_all_netns 2>/dev/null || echo 1) != 1 ]]; then
+    log "enabling net.netfilter.nf_log_all_netns (the firewall container's log lines)"
+    sysctl -q -w net.netfilter.nf_log_all_netns=1
+  fi
+}
+
+# The host's steering towards the firewall: its rules, routes, table, files.
+down_firewall_routing() {
+  local fam t fail=0
+  for fam in -4 -6; do
+    while ip "$fam" rule show pref "$ROUTE_RULE_PREF" | grep -q .; do
+      ip "$fam" rule del pref "$ROUTE_RULE_PREF" || { fail=1; break; }
+    done
+    for ((t = ROUTE_TABLE_FIRST; t < ROUTE_TABLE_FIRST + ROUTE_TABLE_COUNT; t++)); do
+      ip "$fam" route flush table "$t" 2>/dev/null || true
+    done
+  done
+  if command -v nft >/dev/null && nft list table inet "$ROUTE_NFT_TABLE" >/dev/null 2>&1; then
+    log "deleting nft table inet $ROUTE_NFT_TABLE"
+    nft delete table inet "$ROUTE_NFT_TABLE" || fail=1
+  fi
+  return "$fail"
+}
+
 # --------------------------------------------------------------- commands --
 cmd_up() {
   local t0=$SECONDS
@@ -814,7 +862,11 @@ cmd_down() {
     log "deleting nft table inet $LAB_NFT_TABLE"
     nft delete table inet "$LAB_NFT_TABLE" || fail=1
   fi
+  down_firewall_routing || fail=1
   local -a files=(/etc/nftables.d/anklume-lab-isolation.nft*
+    /etc/nftables.d/anklume-lab-route.nft*
+    "/etc/systemd/system/sysinit.target.wants/anklume-isolation-$ROUTE_NFT_TABLE.service"
+    "/etc/systemd/system/anklume-isolation-$ROUTE_NFT_TABLE.service"
     /etc/systemd/system/sysinit.target.wants/anklume-isolation-anklume_lab.service
     /etc/systemd/system/multi-user.target.wants/anklume-isolation-anklume_lab.service
     /etc/systemd/system/anklume-isolation-anklume_lab.service)
@@ -894,7 +946,8 @@ main() {
     up) cmd_up ;;
     down) cmd_down ;;
     status) cmd_status ;;
-    *) echo "usage: $0 install|up|down|status" >&2; exit 2 ;;
+    firewall) cmd_firewall ;;
+    *) echo "usage: $0 install|up|down|status|firewall" >&2; exit 2 ;;
   esac
 }
 

@@ -15,7 +15,7 @@
 //! [`remove`] is the way out: our table, its files and nothing else.
 
 use crate::effects::check_effects;
-pub use crate::effects::{ModeRules, HOST_MODE};
+pub use crate::effects::{ModeRules, HOST_MODE, ROUTER_MODE, ROUTING_MODE};
 use crate::guard::check_ruleset;
 use crate::model::TableName;
 use crate::render::TABLE_COMMENT;

@@ -45,6 +45,25 @@ pub const HOST_MODE: ModeRules = ModeRules {
     required_drop_hook: Some("forward"),
 };
 
+/// The firewall instance's router table (vm mode): the same chain shapes as
+/// the host, with policy drop; its forward chain must drop.
+pub const ROUTER_MODE: ModeRules = ModeRules {
+    name: "router",
+    base_chains: HOST_MODE.base_chains,
+    statements: HOST_MODE.statements,
+    required_drop_hook: Some("forward"),
+};
+
+/// The host's steering table of vm mode (`firewall_vm_routing`): it marks
+/// and untracks domain-to-domain packets before conntrack (prerouting at
+/// raw priority) and drops the host's redirects on output. Nothing else.
+pub const ROUTING_MODE: ModeRules = ModeRules {
+    name: "vm routing",
+    base_chains: &[("filter", "prerouting"), ("filter", "output")],
+    statements: &["match", "accept", "drop", "mangle", "notrack"],
+    required_drop_hook: None,
+};
+
 /// Object kinds a table of ours may hold. Flowtables, conntrack helpers,
 /// timeouts, secmarks and synproxies change what the kernel does to
 /// traffic outside any of our verdicts: never rendered, never loaded.

@@ -3,9 +3,10 @@
 //! host, or later the firewall VM), or with `state: absent` removes it. It
 //! only ever touches its own, marked table.
 
-use anklume_isolation::apply::{self, Load, ModeRules, Ownership, HOST_MODE};
+use anklume_isolation::apply::{self, Load, ModeRules, Ownership, HOST_MODE, ROUTER_MODE};
 use anklume_isolation::effects::set_only_update;
 use anklume_isolation::guard::{check_ruleset, check_table_name, strip_log_statements};
+use anklume_isolation::model::firewall::{parse_interfaces, FirewallInterface, RawInterface};
 use anklume_isolation::model::TableName;
 use anklume_isolation::module::{self, Diff, Invocation, ModuleOptions, Outcome};
 use anklume_isolation::runner::conntrack::{self, Conntrack};
@@ -14,6 +15,7 @@ use anklume_isolation::runner::lock::{ApplyLock, DEFAULT_LOCK_PATH};
 use anklume_isolation::runner::nft::Nft;
 use anklume_isolation::runner::persist::{self, check_unit_path, UnitPaths};
 use anklume_isolation::runner::process::DEFAULT_TIMEOUT;
+use anklume_isolation::runner::router::{self, RouterPaths};
 use anklume_isolation::sha256_hex;
 use anyhow::{bail, Context};
 use serde::Deserialize;
@@ -39,6 +41,7 @@ struct Options {
     command_timeout: Option<u64>,
     unit_dir: Option<PathBuf>,
     lock_path: Option<PathBuf>,
+    interfaces: Option<Vec<RawInterface>>,
 }
 
 impl ModuleOptions for Options {
@@ -53,6 +56,7 @@ impl ModuleOptions for Options {
         "command_timeout",
         "unit_dir",
         "lock_path",
+        "interfaces",
     ];
 }
 
@@ -63,13 +67,18 @@ fn main() {
 fn apply_module(inv: &Invocation<Options>) -> anyhow::Result<Outcome> {
     // Parse.
     let opts = &inv.options;
-    let mode: &ModeRules = match opts.mode.as_deref().unwrap_or("host") {
-        "host" => &HOST_MODE,
-        "router" => bail!(
-            "mode \"router\" (IPv4/IPv6 forwarding inside the firewall VM) is not implemented \
-             yet; use mode \"host\""
+    // Router mode (inside the firewall instance) also gives each interface
+    // its router addresses and turns forwarding on, after the table is live.
+    let (mode, router): (&ModeRules, _) = match opts.mode.as_deref().unwrap_or("host") {
+        "host" => (&HOST_MODE, None),
+        "router" => (
+            &ROUTER_MODE,
+            Some(
+                parse_interfaces(opts.interfaces.as_deref().unwrap_or_default())
+                    .context("mode \"router\" needs `interfaces`")?,
+            ),
         ),
-        other => bail!("mode {other:?} is unknown: use \"host\""),
+        other => bail!("mode {other:?} is unknown: use \"host\" or \"router\""),
     };
     let table = TableName::new(opts.table.as_deref().unwrap_or(DEFAULT_TABLE))?;
     check_table_name(&table)?;
@@ -101,7 +110,7 @@ fn apply_module(inv: &Invocation<Options>) -> anyhow::Result<Outcome> {
     let _lock = ApplyLock::acquire(&lock_path, timeout * LOCK_WAIT_TIMEOUTS)?;
 
     match opts.state.as_deref().unwrap_or("present") {
-        "present" => present(inv, &nft, &table, mode, &dest, &unit_paths),
+        "present" => present(inv, &nft, &table, mode, router.as_deref(), &dest, &unit_paths),
         "absent" => absent(inv, &nft, &table, &dest, &unit_paths),
         other => bail!("state {other:?} is unknown: use \"present\" or \"absent\""),
     }
@@ -112,6 +121,7 @@ fn present(
     nft: &Nft,
     table: &TableName,
     mode: &ModeRules,
+    router: Option<&[FirewallInterface]>,
     dest: &Path,
     unit_paths: &UnitPaths,
 ) -> anyhow::Result<Outcome> {
@@ -191,7 +201,10 @@ fn present(
             files.previous_path().display()
         ));
     }
-    let unit = match opts.persist.unwrap_or(true) {
+    let persist = opts.persist.unwrap_or(true);
+    // The router's boot hook loads the table itself, before its addresses
+    // and forwarding (closed until the table is live).
+    let unit = match persist && router.is_none() {
         true => {
             let fallback = persist::boot_fallback(table, &verified.bridges, &verified.wildcards)?;
             Some(persist::unit_text(table, dest, nft.program(), &fallback)?)
@@ -241,12 +254,26 @@ fn present(
         }
     }
 
+    let router_report = match router {
+        None => None,
+        Some(interfaces) => {
+            let mut report = router::converge_live(interfaces, inv.check_mode)?;
+            if persist {
+                let paths = RouterPaths::new(Path::new("/"), table);
+                report.persisted =
+                    router::persist(&paths, interfaces, dest, nft.program(), inv.check_mode)?;
+            }
+            Some(report)
+        }
+    };
+
     // Report.
     let before = match &files.current {
         Existing::Text(text) => text.clone(),
         _ => String::new(),
     };
-    let mut outcome = Outcome::new(live_changed || file_changed || unit_changed);
+    let router_changed = router_report.as_ref().is_some_and(|r| r.changed());
+    let mut outcome = Outcome::new(live_changed || file_changed || unit_changed || router_changed);
     outcome.warnings = warnings;
     outcome.diff = Some(Diff {
         before,
@@ -271,7 +298,8 @@ fn present(
         .set(
             "unit",
             unit.as_ref().map(|_| unit_paths.unit.display().to_string()),
-        );
+        )
+        .set("router", &router_report);
     Ok(outcome)
 }
 

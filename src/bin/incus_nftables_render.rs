@@ -3,11 +3,13 @@
 //! where the Incus socket is (the anklume container) and changes nothing on
 //! the host: applying is `firewall_router_apply`'s job, on the enforcer.
 
+use anklume_isolation::model::firewall::{parse_interfaces, FirewallInterface, RawInterface};
 use anklume_isolation::model::logging::RawLogging;
 use anklume_isolation::model::{
     BridgePattern, DomainBridge, EndpointRef, IfName, LogSettings, PolicySpec, TableName, World,
 };
 use anklume_isolation::module::{self, Diff, Invocation, ModuleOptions, Outcome};
+use anklume_isolation::plan::router::{router_logging, RouterPlan, RouterPlanInput};
 use anklume_isolation::plan::{Capabilities, HostPlan, HostPlanInput};
 use anklume_isolation::runner::fs::{read_optional, write_atomic};
 use anklume_isolation::runner::incus::Incus;
@@ -36,6 +38,8 @@ struct Options {
     policies: Option<Vec<Value>>,
     logging: Option<RawLogging>,
     project: Option<String>,
+    interfaces: Option<Vec<RawInterface>>,
+    icmp: Option<bool>,
 }
 
 impl ModuleOptions for Options {
@@ -50,6 +54,8 @@ impl ModuleOptions for Options {
         "policies",
         "logging",
         "project",
+        "interfaces",
+        "icmp",
     ];
 }
 
@@ -70,14 +76,16 @@ fn main() {
 fn render_module(inv: &Invocation<Options>) -> anyhow::Result<Outcome> {
     // Parse: every option into a validated type, before anything is read.
     let opts = &inv.options;
-    match opts.target.as_deref().unwrap_or("host") {
-        "host" => {}
-        "router" => bail!(
-            "target \"router\" (the firewall VM's ruleset) is not implemented yet; use target \
-             \"host\""
+    // The router (the firewall instance's own table) takes its bridges from
+    // the interfaces incus_firewall_vm_profile returned.
+    let router: Option<Vec<FirewallInterface>> = match opts.target.as_deref().unwrap_or("host") {
+        "host" => None,
+        "router" => Some(
+            parse_interfaces(opts.interfaces.as_deref().unwrap_or_default())
+                .context("target \"router\" needs `interfaces`")?,
         ),
-        other => bail!("target {other:?} is unknown: use \"host\""),
-    }
+        other => bail!("target {other:?} is unknown: use \"host\" or \"router\""),
+    };
     let pattern = BridgePattern::new(opts.bridge_pattern.as_deref().unwrap_or(DEFAULT_PATTERN))?;
     let table = TableName::new(opts.table.as_deref().unwrap_or(DEFAULT_TABLE))?;
     let path = opts
@@ -103,11 +111,20 @@ fn render_module(inv: &Invocation<Options>) -> anyhow::Result<Outcome> {
         .transpose()
         .context("option `admin_bridge`")?;
     let specs = PolicySpec::parse_all(opts.policies.as_deref().unwrap_or_default())?;
-    let logging = LogSettings::from_raw(&opts.logging.clone().unwrap_or_default())?;
+    let raw_logging = opts.logging.clone().unwrap_or_default();
+    let logging = match router {
+        Some(_) => router_logging(&raw_logging)?,
+        None => LogSettings::from_raw(&raw_logging)?,
+    };
 
     // Discover: the bridges, and the machines only when a policy names one.
     let incus = || Incus::find();
     let bridges: Vec<DomainBridge> = match explicit_bridges {
+        _ if router.is_some() => router
+            .iter()
+            .flatten()
+            .map(FirewallInterface::domain_bridge)
+            .collect(),
         Some(names) => names
             .into_iter()
             .map(|name| DomainBridge::new(name, &pattern))
@@ -144,16 +161,49 @@ fn render_module(inv: &Invocation<Options>) -> anyhow::Result<Outcome> {
         )?),
     };
     let capabilities = nft.as_ref().map_or(Capabilities::ALL, Nft::probe);
-    let (plan, mut warnings) = HostPlan::build(HostPlanInput {
-        table,
-        pattern,
-        bridges: &bridges,
-        admin,
-        policies,
-        logging,
-        capabilities,
-    })?;
-    let content = render::host(&plan)?;
+    let (report, content, mut warnings) = match &router {
+        None => {
+            let (plan, warnings) = HostPlan::build(HostPlanInput {
+                table,
+                pattern,
+                bridges: &bridges,
+                admin,
+                policies,
+                logging,
+                capabilities,
+            })?;
+            let content = render::host(&plan)?;
+            let report = Report {
+                bridges: plan.bridges().cloned().collect(),
+                domains: serde_json::to_value(&plan.domains)?,
+                policies: serde_json::to_value(&plan.policies)?,
+                admin: plan.admin.clone(),
+                logging: plan.logging.is_some(),
+            };
+            (report, content, warnings)
+        }
+        Some(interfaces) => {
+            let (plan, warnings) = RouterPlan::build(RouterPlanInput {
+                table,
+                pattern,
+                interfaces,
+                admin: admin.clone(),
+                policies,
+                logging,
+                icmp: opts.icmp.unwrap_or(true),
+                capabilities,
+            })?;
+            let content = render::router::router(&plan)?;
+            let report = Report {
+                bridges: bridges.iter().map(|b| b.bridge.clone()).collect(),
+                domains: serde_json::to_value(&plan.interfaces)?,
+                policies: serde_json::to_value(&plan.policies)?,
+                admin,
+                logging: plan.logging.is_some(),
+            };
+            (report, content, warnings)
+        }
+    };
     if let Some(nft) = &nft {
         nft.check(&content)?;
     } else if validate == Validate::Auto {
@@ -179,20 +229,31 @@ fn render_module(inv: &Invocation<Options>) -> anyhow::Result<Outcome> {
     outcome
         .set("path", path.display().to_string())
         .set("sha256", sha256_hex(&content))
-        .set("bridges", plan.bridges().collect::<Vec<_>>())
-        .set("domains", &plan.domains)
-        .set("policies", &plan.policies)
+        .set("bridges", &report.bridges)
+        .set("domains", &report.domains)
+        .set("policies", &report.policies)
         .set("validated", nft.is_some())
         .set("capabilities", capabilities)
         .set(
             "summary",
             serde_json::json!({
-                "bridges": plan.domains.len(),
-                "admin_bridge": plan.admin,
-                "policies": plan.policies.len(),
-                "logging": plan.logging.is_some(),
+                "target": if router.is_some() { "router" } else { "host" },
+                "bridges": report.bridges.len(),
+                "admin_bridge": report.admin,
+                "policies": report.policies.as_array().map_or(0, Vec::len),
+                "logging": report.logging,
             }),
         )
         .set("content", content);
     Ok(outcome)
+}
+
+/// What the module reports of either plan (`domains` is bridge -> domain for
+/// the host, firewall interface -> domain for the router).
+struct Report {
+    bridges: Vec<IfName>,
+    domains: Value,
+    policies: Value,
+    admin: Option<IfName>,
+    logging: bool,
 }

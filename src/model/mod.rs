@@ -3,6 +3,7 @@
 
 pub mod bridge;
 pub mod endpoint;
+pub mod firewall;
 pub mod logging;
 pub mod names;
 pub mod policy;

@@ -9,6 +9,8 @@
 //! to load and 63 new connections/s at 500 bridges).
 
 pub mod eval;
+pub mod profile;
+pub mod router;
 
 use crate::model::{
     BridgePattern, DomainBridge, Endpoint, IfName, LogSettings, Name, PortSpan, Protocol,

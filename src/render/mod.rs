@@ -10,6 +10,8 @@ use serde::Serialize;
 use std::fmt::Display;
 use std::sync::OnceLock;
 
+pub mod router;
+
 const HOST_TEMPLATE: &str = include_str!("host.nft.j2");
 
 /// The comment every table we render carries: the enforcer refuses to

@@ -3,8 +3,11 @@
 
 pub mod conntrack;
 pub mod fs;
+pub mod host_routes;
 pub mod incus;
 pub mod lock;
+pub mod incus_api;
 pub mod nft;
 pub mod persist;
 pub mod process;
+pub mod router;

@@ -1,0 +1,219 @@
+//! Golden rulesets of the firewall router (vm mode), compared byte for byte
+//! with `tests/golden/router-*.nft` and each checked by the real `nft -c` in
+//! a throwaway user and network namespace (`unshare -rn`).
+//!
+//! After an intended change: `UPDATE_GOLDEN=1 cargo test --test
+//! golden_router`, then review the diff of `tests/golden/`.
+
+use anklume_isolation::model::firewall::FirewallInterface;
+use anklume_isolation::model::logging::RawLogging;
+use anklume_isolation::model::{
+    BridgePattern, DomainBridge, IfName, Machine, Name, PolicySpec, TableName, World,
+};
+use anklume_isolation::plan::router::{router_logging, RouterPlan, RouterPlanInput};
+use anklume_isolation::plan::Capabilities;
+use anklume_isolation::render;
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+struct Case {
+    name: &'static str,
+    admin: Option<&'static str>,
+    policies: Value,
+    logging: RawLogging,
+    icmp: bool,
+    capabilities: Capabilities,
+}
+
+impl Case {
+    fn new(name: &'static str) -> Self {
+        Case {
+            name,
+            admin: Some("net-anklume"),
+            policies: json!([]),
+            logging: RawLogging::default(),
+            icmp: true,
+            capabilities: Capabilities::ALL,
+        }
+    }
+}
+
+fn interfaces() -> Vec<FirewallInterface> {
+    let pattern = BridgePattern::new("net-").unwrap();
+    [("net-anklume", 10), ("net-pro", 11), ("net-perso", 12)]
+        .iter()
+        .map(|(b, n)| {
+            let mut bridge = DomainBridge::new(IfName::new(b).unwrap(), &pattern).unwrap();
+            bridge.ipv4 = Some(format!("10.251.{n}.1/24").parse().unwrap());
+            bridge.ipv6 = Some(format!("fd42:251:{n}::1/64").parse().unwrap());
+            FirewallInterface::derive("anklume-firewall", &bridge, 253).unwrap()
+        })
+        .collect()
+}
+
+fn render_case(case: &Case) -> String {
+    let ifaces = interfaces();
+    let bridges: Vec<DomainBridge> = ifaces.iter().map(|i| i.domain_bridge()).collect();
+    let machines = vec![Machine {
+        name: Name::new("machine", "nas").unwrap(),
+        project: "default".into(),
+        bridge: IfName::new("net-perso").unwrap(),
+        ipv4: ["10.251.12.10".parse().unwrap()].into(),
+        ipv6: ["fd42:251:12::10".parse().unwrap()].into(),
+    }];
+    let world = World::new(&bridges, &machines);
+    let specs = PolicySpec::parse_all(case.policies.as_array().unwrap()).unwrap();
+    let policies = specs.iter().map(|s| world.resolve(s).unwrap()).collect();
+    let (plan, _) = RouterPlan::build(RouterPlanInput {
+        table: TableName::new("anklume").unwrap(),
+        pattern: BridgePattern::new("net-").unwrap(),
+        interfaces: &ifaces,
+        admin: case.admin.map(|a| IfName::new(a).unwrap()),
+        policies,
+        logging: router_logging(&case.logging).unwrap(),
+        icmp: case.icmp,
+        capabilities: case.capabilities,
+    })
+    .unwrap();
+    render::router::router(&plan).unwrap()
+}
+
+fn cases() -> Vec<Case> {
+    vec![
+        Case {
+            policies: json!([
+                {"description": "Pro reaches the perso web API", "from": "pro", "to": "perso",
+                 "ports": [8080, "9000-9010"], "protocol": "tcp"},
+                {"from": "pro", "to": "nas", "ports": [22]},
+                {"from": "nas", "to": "pro", "ports": "all"},
+                {"from": "perso", "to": "pro", "ports": "all", "bidirectional": true}
+            ]),
+            ..Case::new("router-policies")
+        },
+        Case {
+            admin: None,
+            icmp: false,
+            logging: RawLogging {
+                enabled: Some(false),
+                ..RawLogging::default()
+            },
+            ..Case::new("router-strict")
+        },
+        Case {
+            capabilities: Capabilities {
+                log: false,
+                limit: true,
+                conntrack: false,
+            },
+            ..Case::new("router-degraded")
+        },
+    ]
+}
+
+fn nft_check(text: &str) -> Result<(), String> {
+    let mut child = Command::new("unshare")
+        .args(["-rn", "nft", "-c", "-f", "/dev/stdin"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run `unshare -rn nft`: {e}"))?;
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[test]
+fn router_golden_rulesets_match_and_pass_nft_check() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+    let update = std::env::var_os("UPDATE_GOLDEN").is_some();
+    let mut failures = Vec::new();
+    for case in cases() {
+        let text = render_case(&case);
+        let path = dir.join(format!("{}.nft", case.name));
+        if update {
+            std::fs::write(&path, &text).unwrap();
+        }
+        match std::fs::read_to_string(&path) {
+            Ok(golden) if golden == text => {}
+            Ok(_) => failures.push(format!(
+                "{}: rendered text differs from {} (UPDATE_GOLDEN=1 to accept)",
+                case.name,
+                path.display()
+            )),
+            Err(e) => failures.push(format!("{}: {e}", path.display())),
+        }
+        if let Err(err) = nft_check(&text) {
+            failures.push(format!("{}: nft -c refused it:\n{err}", case.name));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn router_defaults_follow_anklume() {
+    let text = render_case(&Case::new("defaults"));
+    // Policy drop on forward and input, logging on with prefix FW and one
+    // rate limit for every log line.
+    assert!(text.contains("type filter hook forward priority filter; policy drop;"));
+    assert!(text.contains("type filter hook input priority filter; policy drop;"));
+    for prefix in [
+        "FW-ADMIN-FWD: ",
+        "FW-DENY-PRO: ",
+        "FW-DENY-PERSO: ",
+        "FW-DENY-ANKLUME: ",
+        "FW-INVALID: ",
+        "FW-DROP: ",
+        "FW-INPUT-DROP: ",
+    ] {
+        assert!(
+            text.contains(&format!("log prefix \"{prefix}\"")),
+            "{prefix}"
+        );
+    }
+    let logs = text.matches(" log prefix ").count();
+    let limited = text.matches("limit name \"log_budget\" log prefix").count();
+    assert_eq!(logs, limited, "every log line is behind the shared limit");
+    assert!(text.contains("meta l4proto { 1, 58 } accept"));
+    // Protocol names other than nft's keywords resolve through
+    // /etc/protocols, which minimal systems (Debian minbase) lack.
+    assert!(!text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .any(|l| l.contains("ipv6-icmp")));
+    let strict = render_case(&Case {
+        icmp: false,
+        ..Case::new("no-icmp")
+    });
+    let cross_domain = |text: &str| {
+        let from = text.find("chain cross_domain").unwrap();
+        let to = text.find("chain input").unwrap();
+        text[from..to].to_string()
+    };
+    assert!(cross_domain(&text).contains("l4proto { 1, 58 }"));
+    assert!(
+        !cross_domain(&strict).contains("l4proto"),
+        "icmp: false removes ICMP from the cross-domain accepts"
+    );
+}
+
+#[test]
+fn router_nft_check_is_not_a_rubber_stamp() {
+    let text = render_case(&Case::new("broken")).replacen(
+        "log prefix \"FW-DENY-PRO: \"",
+        "log prefix FW DENY PRO",
+        1,
+    );
+    assert!(nft_check(&text).is_err());
+}
