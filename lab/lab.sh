@@ -36,6 +36,7 @@ LAB_PROJECT=anklume-lab
 LAB_POOL=anklume-lab
 LAB_NET_PREFIX=lab-net-
 LAB_NFT_TABLE=anklume_lab
+LAB_NFT_DEST=/etc/nftables.d/anklume-lab-isolation.nft
 ADMIN_INSTANCE=anklume-instance
 # Firewall VM mode: a Debian container stands in for the firewall VM. Its
 # NICs come from the multi-NIC profile (incus_firewall_vm_profile); the host
@@ -858,10 +859,7 @@ cmd_down() {
   rm -rf "$RUN_DIR/upstream-www"
   restore_forwarding "$keep_forwarding"
 
-  if command -v nft >/dev/null && nft list table inet "$LAB_NFT_TABLE" >/dev/null 2>&1; then
-    log "deleting nft table inet $LAB_NFT_TABLE"
-    nft delete table inet "$LAB_NFT_TABLE" || fail=1
-  fi
+  remove_isolation || fail=1
   down_firewall_routing || fail=1
   local -a files=(/etc/nftables.d/anklume-lab-isolation.nft*
     /etc/nftables.d/anklume-lab-route.nft*
@@ -880,6 +878,30 @@ cmd_down() {
   done
   if ((removed_unit)) && systemd_pid1; then systemctl daemon-reload || true; fi
   ((fail == 0)) || die "down: some lab objects could not be removed (see above)"
+}
+
+# The lab's isolation table, file, .previous and boot unit: through the
+# product's own way out (firewall_router_apply state: absent, which removes
+# only what it made), or by hand when the module is not built.
+remove_isolation() {
+  local module=$LAB_DIR/../library/firewall_router_apply args out
+  if [[ -x $module ]]; then
+    args=$(mktemp)
+    printf '{"state": "absent", "table": "%s", "dest": "%s"}\n' \
+      "$LAB_NFT_TABLE" "$LAB_NFT_DEST" >"$args"
+    out=$("$module" "$args") || true
+    rm -f "$args"
+    if jq -e '.failed != true' <<<"$out" >/dev/null 2>&1; then
+      jq -e '.changed == true' <<<"$out" >/dev/null &&
+        log "firewall_router_apply state=absent removed table inet $LAB_NFT_TABLE and its files"
+      return 0
+    fi
+    log "firewall_router_apply state=absent failed ($(jq -r '.msg // "no JSON"' <<<"$out" 2>/dev/null)): removing by hand"
+  fi
+  if command -v nft >/dev/null && nft list table inet "$LAB_NFT_TABLE" >/dev/null 2>&1; then
+    log "deleting nft table inet $LAB_NFT_TABLE"
+    nft delete table inet "$LAB_NFT_TABLE" || return 1
+  fi
 }
 
 cmd_status() {
