@@ -5,9 +5,10 @@
 use super::process::{find_program, run_with_stdin};
 use crate::model::{BridgePattern, DomainBridge, IfName, Machine, Name};
 use anyhow::Context;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde_json::Value;
 use std::collections::BTreeSet;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -49,12 +50,61 @@ impl Incus {
         bridges: &BTreeSet<IfName>,
     ) -> anyhow::Result<Vec<Machine>> {
         let scope = match project {
-            Some(p) => format!("project={p}"),
+            Some(p) => format!("project={}", percent_encode(p)),
             None => "all-projects=true".to_string(),
         };
         let instances = self.query(&format!("/1.0/instances?recursion=2&{scope}"))?;
         parse_instances(&instances, bridges)
     }
+
+    /// Fills in the subnets of explicitly listed bridges that Incus manages,
+    /// so the addresses of their machines can be checked; the others stay
+    /// unknown (and machines on them are reported unchecked).
+    pub fn fill_subnets(&self, bridges: &mut [DomainBridge]) -> anyhow::Result<()> {
+        let networks = self.query("/1.0/networks?recursion=1")?;
+        fill_subnets(&networks, bridges)
+    }
+}
+
+/// Encodes a query-string value: everything but RFC 3986 unreserved
+/// characters, so `lab&all-projects=true` stays one project name.
+pub fn percent_encode(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for byte in value.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+/// The pure half of [`Incus::fill_subnets`].
+pub fn fill_subnets(networks: &Value, bridges: &mut [DomainBridge]) -> anyhow::Result<()> {
+    for network in managed_bridges(networks) {
+        let name = network["name"].as_str().unwrap_or_default();
+        if let Some(b) = bridges.iter_mut().find(|b| b.bridge.as_str() == name) {
+            let (ipv4, ipv6) = subnets_of(network)?;
+            b.ipv4 = ipv4;
+            b.ipv6 = ipv6;
+            b.subnets_known = true;
+        }
+    }
+    Ok(())
+}
+
+fn subnets_of(network: &Value) -> anyhow::Result<(Option<Ipv4Net>, Option<Ipv6Net>)> {
+    let name = network["name"].as_str().unwrap_or_default();
+    let ipv4 = config_str(network, "ipv4.address")
+        .map(|a| a.parse())
+        .transpose()
+        .with_context(|| format!("network {name}: ipv4.address"))?;
+    let ipv6 = config_str(network, "ipv6.address")
+        .map(|a| a.parse())
+        .transpose()
+        .with_context(|| format!("network {name}: ipv6.address"))?;
+    Ok((ipv4, ipv6))
 }
 
 fn config_str<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
@@ -66,14 +116,8 @@ fn config_str<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
 fn bridge_of(network: &Value, pattern: &BridgePattern) -> anyhow::Result<DomainBridge> {
     let name = network["name"].as_str().unwrap_or_default();
     let mut bridge = DomainBridge::new(IfName::new(name)?, pattern)?;
-    bridge.ipv4 = config_str(network, "ipv4.address")
-        .map(|a| a.parse())
-        .transpose()
-        .with_context(|| format!("network {name}: ipv4.address"))?;
-    bridge.ipv6 = config_str(network, "ipv6.address")
-        .map(|a| a.parse())
-        .transpose()
-        .with_context(|| format!("network {name}: ipv6.address"))?;
+    (bridge.ipv4, bridge.ipv6) = subnets_of(network)?;
+    bridge.subnets_known = true;
     Ok(bridge)
 }
 
@@ -116,7 +160,7 @@ pub fn parse_instances(
         let devices = instance["expanded_devices"]
             .as_object()
             .or_else(|| instance["devices"].as_object());
-        let mut nics: Vec<(IfName, BTreeSet<Ipv4Addr>, BTreeSet<Ipv6Addr>)> = Vec::new();
+        let mut nics: Vec<Machine> = Vec::new();
         for (device_name, device) in devices.into_iter().flatten() {
             if device["type"] != "nic" {
                 continue;
@@ -128,8 +172,9 @@ pub fn parse_instances(
             let Some(bridge) = bridges.iter().find(|b| b.as_str() == network) else {
                 continue;
             };
-            let mut v4 = BTreeSet::new();
-            let mut v6 = BTreeSet::new();
+            let mut m = Machine::new(Name::new("machine", name)?, &project, bridge.clone());
+            let v4 = &mut m.ipv4;
+            let v6 = &mut m.ipv6;
             if let Some(a) = device["ipv4.address"].as_str().and_then(|a| a.parse().ok()) {
                 v4.insert(a);
             }
@@ -154,20 +199,13 @@ pub fn parse_instances(
                     None => {}
                 }
             }
-            nics.push((bridge.clone(), v4, v6));
+            m.ipv4_filtering = device["security.ipv4_filtering"] == "true";
+            m.ipv6_filtering = device["security.ipv6_filtering"] == "true";
+            nics.push(m);
         }
         match nics.len() {
             0 => continue,
-            1 => {
-                let (bridge, ipv4, ipv6) = nics.remove(0);
-                machines.push(Machine {
-                    name: Name::new("machine", name)?,
-                    project,
-                    bridge,
-                    ipv4,
-                    ipv6,
-                });
-            }
+            1 => machines.extend(nics),
             // An instance on several domain bridges (the firewall VM) is a
             // router, not a policy endpoint: leave it out, so naming it in a
             // policy fails with "unknown" instead of opening several bridges.
