@@ -4,11 +4,14 @@
 //! so a quoting or syntax slip cannot hide behind a substring test.
 //!
 //! After an intended change to the output: `UPDATE_GOLDEN=1 cargo test
-//! --test golden`, then review the diff of `tests/golden/`.
+//! --test golden` writes the files and fails (so a changed golden file is
+//! never accepted by a green run); review the diff of `tests/golden/`, then
+//! run the test again without it.
 
 use anklume_isolation::model::logging::RawLogging;
 use anklume_isolation::model::{
-    BridgePattern, DomainBridge, IfName, LogSettings, Machine, Name, PolicySpec, TableName, World,
+    BridgePattern, DomainBridge, GatewayServices, IfName, LogSettings, Machine, Name, PolicySpec,
+    TableName, World,
 };
 use anklume_isolation::plan::{Capabilities, HostPlan, HostPlanInput};
 use anklume_isolation::render;
@@ -41,13 +44,14 @@ impl Case {
 }
 
 fn machine(name: &str, bridge: &str, v4: &[&str], v6: &[&str]) -> Machine {
-    Machine {
-        name: Name::new("machine", name).unwrap(),
-        project: "default".into(),
-        bridge: IfName::new(bridge).unwrap(),
-        ipv4: v4.iter().map(|a| a.parse().unwrap()).collect(),
-        ipv6: v6.iter().map(|a| a.parse().unwrap()).collect(),
-    }
+    let mut m = Machine::new(
+        Name::new("machine", name).unwrap(),
+        "default",
+        IfName::new(bridge).unwrap(),
+    );
+    m.ipv4 = v4.iter().map(|a| a.parse().unwrap()).collect();
+    m.ipv6 = v6.iter().map(|a| a.parse().unwrap()).collect();
+    m
 }
 
 fn render_case(case: &Case) -> String {
@@ -71,6 +75,7 @@ fn render_case(case: &Case) -> String {
         bridges: &bridges,
         admin: case.admin.map(|a| IfName::new(a).unwrap()),
         policies,
+        gateway: GatewayServices::defaults(),
         logging,
         capabilities: case.capabilities,
     })
@@ -108,8 +113,36 @@ fn cases() -> Vec<Case> {
         Case {
             admin: Some("net-anklume"),
             logging: true,
-            policies: json!([{"from": "pro", "to": "perso", "ports": [443]}]),
+            policies: json!([
+                {"from": "pro", "to": "perso", "ports": [443]},
+                {"from": "perso", "to": "host", "ports": [2223]}
+            ]),
             ..Case::new("logging")
+        },
+        // Found by fuzzing: overlapping and adjacent ports, in one policy and
+        // across policies between the same ends, and a domain and a machine
+        // of it on the same pair (nft refuses overlapping set elements).
+        Case {
+            machines: vec![
+                machine("nas", "net-perso", &["10.20.0.10"], &["fd00:20::10"]),
+                machine("backup", "net-pro", &["10.10.0.20"], &["fd00:10::20"]),
+            ],
+            policies: json!([
+                {"from": "pro", "to": "perso", "ports": [22, "1-1024"]},
+                {"from": "pro", "to": "perso", "ports": [443]},
+                {"from": "pro", "to": "perso", "ports": [1025, "2000-2010", "2005-2020"]},
+                {"from": "pro", "to": "perso", "ports": [53], "protocol": "udp"},
+                {"from": "backup", "to": "nas", "ports": [22, "20-30"]},
+                {"from": "backup", "to": "nas", "ports": [31]},
+                {"from": "pro", "to": "nas", "ports": [8080]},
+                {"from": "pro", "to": "nas", "ports": ["8000-8100"]},
+                {"from": "backup", "to": "perso", "ports": "all"},
+                {"from": "backup", "to": "nas", "ports": "all"},
+                {"from": "perso", "to": "host", "ports": [53, "50-60"], "protocol": "udp"},
+                {"from": "nas", "to": "host", "ports": [22]},
+                {"from": "nas", "to": "host", "ports": ["1-100"]}
+            ]),
+            ..Case::new("overlaps")
         },
         Case {
             logging: true,
@@ -156,13 +189,22 @@ fn golden_rulesets_match_and_pass_nft_check() {
     for case in cases() {
         let text = render_case(&case);
         let path = dir.join(format!("{}.nft", case.name));
-        if update {
-            std::fs::write(&path, &text).unwrap();
-        }
         match std::fs::read_to_string(&path) {
             Ok(golden) if golden == text => {}
+            Ok(_) | Err(_) if update => {
+                std::fs::write(&path, &text).unwrap();
+                // Fail anyway: a changed golden file is reviewed in the diff,
+                // never accepted by a green run.
+                failures.push(format!(
+                    "{}: wrote {} (UPDATE_GOLDEN): review `git diff tests/golden`, then run \
+                     the tests again without UPDATE_GOLDEN",
+                    case.name,
+                    path.display()
+                ));
+            }
             Ok(_) => failures.push(format!(
-                "{}: rendered text differs from {} (UPDATE_GOLDEN=1 to accept)",
+                "{}: rendered text differs from {} (UPDATE_GOLDEN=1 to write it, then review \
+                 the diff)",
                 case.name,
                 path.display()
             )),

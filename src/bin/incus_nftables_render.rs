@@ -5,7 +5,8 @@
 
 use anklume_isolation::model::logging::RawLogging;
 use anklume_isolation::model::{
-    BridgePattern, DomainBridge, EndpointRef, IfName, LogSettings, PolicySpec, TableName, World,
+    confine_to_bridges, BridgePattern, DomainBridge, EndpointRef, GatewayServices, IfName,
+    LogSettings, PolicySpec, TableName, World,
 };
 use anklume_isolation::module::{self, Diff, Invocation, ModuleOptions, Outcome};
 use anklume_isolation::plan::{Capabilities, HostPlan, HostPlanInput};
@@ -36,6 +37,7 @@ struct Options {
     policies: Option<Vec<Value>>,
     logging: Option<RawLogging>,
     project: Option<String>,
+    gateway_services: Option<Vec<String>>,
 }
 
 impl ModuleOptions for Options {
@@ -50,6 +52,7 @@ impl ModuleOptions for Options {
         "policies",
         "logging",
         "project",
+        "gateway_services",
     ];
 }
 
@@ -104,10 +107,15 @@ fn render_module(inv: &Invocation<Options>) -> anyhow::Result<Outcome> {
         .context("option `admin_bridge`")?;
     let specs = PolicySpec::parse_all(opts.policies.as_deref().unwrap_or_default())?;
     let logging = LogSettings::from_raw(&opts.logging.clone().unwrap_or_default())?;
+    let gateway = match &opts.gateway_services {
+        Some(entries) => GatewayServices::parse(entries).context("option `gateway_services`")?,
+        None => GatewayServices::defaults(),
+    };
 
     // Discover: the bridges, and the machines only when a policy names one.
     let incus = || Incus::find();
-    let bridges: Vec<DomainBridge> = match explicit_bridges {
+    let explicit = explicit_bridges.is_some();
+    let mut bridges: Vec<DomainBridge> = match explicit_bridges {
         Some(names) => names
             .into_iter()
             .map(|name| DomainBridge::new(name, &pattern))
@@ -120,14 +128,23 @@ fn render_module(inv: &Invocation<Options>) -> anyhow::Result<Outcome> {
             .into_iter()
             .any(|end| matches!(end, EndpointRef::Named(n) if !domain_names.contains(n.as_str())))
     });
-    let machines = if names_a_machine {
+    let mut machines = if names_a_machine {
+        let incus = incus().context(
+            "a network policy names something that is not a domain, so machines must be \
+             looked up in Incus",
+        )?;
+        // Explicit bridges skip discovery, but a machine's addresses are
+        // only trusted inside its bridge's subnets: learn those of the
+        // listed bridges Incus manages (the others stay unchecked, and say so).
+        if explicit {
+            incus.fill_subnets(&mut bridges)?;
+        }
         let bridge_set = bridges.iter().map(|b| b.bridge.clone()).collect();
-        incus()
-            .context("a network policy names something that is not a domain, so machines must be looked up in Incus")?
-            .machines(opts.project.as_deref(), &bridge_set)?
+        incus.machines(opts.project.as_deref(), &bridge_set)?
     } else {
         Vec::new()
     };
+    confine_to_bridges(&mut machines, &bridges);
     let world = World::new(&bridges, &machines);
     let policies = specs
         .iter()
@@ -144,15 +161,21 @@ fn render_module(inv: &Invocation<Options>) -> anyhow::Result<Outcome> {
         )?),
     };
     let capabilities = nft.as_ref().map_or(Capabilities::ALL, Nft::probe);
-    let (plan, mut warnings) = HostPlan::build(HostPlanInput {
+    let mut warnings: Vec<String> = policies
+        .iter()
+        .flat_map(|p| p.warnings.iter().cloned())
+        .collect();
+    let (plan, plan_warnings) = HostPlan::build(HostPlanInput {
         table,
         pattern,
         bridges: &bridges,
         admin,
         policies,
+        gateway,
         logging,
         capabilities,
     })?;
+    warnings.extend(plan_warnings);
     let content = render::host(&plan)?;
     if let Some(nft) = &nft {
         nft.check(&content)?;
@@ -182,6 +205,15 @@ fn render_module(inv: &Invocation<Options>) -> anyhow::Result<Outcome> {
         .set("bridges", plan.bridges().collect::<Vec<_>>())
         .set("domains", &plan.domains)
         .set("policies", &plan.policies)
+        .set(
+            "gateway_services",
+            opts.gateway_services.clone().unwrap_or_else(|| {
+                anklume_isolation::model::gateway::DEFAULT_GATEWAY_SERVICES
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect()
+            }),
+        )
         .set("validated", nft.is_some())
         .set("capabilities", capabilities)
         .set(
