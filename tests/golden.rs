@@ -232,3 +232,125 @@ fn nft_check_is_not_a_rubber_stamp() {
     );
     assert!(nft_check(&text).is_err());
 }
+
+/// The fuzz cases of issue 6, kept: random domains, machines and policies
+/// with overlapping and adjacent ports, in one policy and across policies
+/// between the same ends, domains and their machines on the same pairs. Every
+/// plan that builds must render a ruleset `nft -c` accepts; every refusal
+/// must name the entry. All rulesets go through one `nft -c`, one table each.
+#[test]
+fn fuzzed_policies_render_what_nft_accepts_or_are_refused_naming_the_entry() {
+    struct Rng(u64);
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n
+        }
+    }
+    let mut rng = Rng(0x5eed_0f15_5e06);
+    // nft -c in batches: one netlink message holds only so much.
+    let mut batches = vec![String::new()];
+    let (mut rendered, mut refused) = (0, 0);
+    for case in 0..300 {
+        let n = 2 + rng.below(4) as usize;
+        let pattern = BridgePattern::new("net-").unwrap();
+        let bridges: Vec<DomainBridge> = (0..n)
+            .map(|i| {
+                let mut b = DomainBridge::new(IfName::new(&format!("net-d{i}")).unwrap(), &pattern)
+                    .unwrap();
+                b.ipv4 = Some(format!("10.{i}.0.1/24").parse().unwrap());
+                b.ipv6 = Some(format!("fd00:{i}::1/64").parse().unwrap());
+                b.subnets_known = true;
+                b
+            })
+            .collect();
+        let mut machines = Vec::new();
+        for i in 0..n {
+            for m in 0..rng.below(3) {
+                let v4 = format!("10.{i}.0.{}", 10 + m);
+                let v6 = format!("fd00:{i}::{}", 10 + m);
+                let six: &[&str] = if rng.below(2) == 0 { &[&v6] } else { &[] };
+                machines.push(machine(
+                    &format!("m{i}x{m}"),
+                    &format!("net-d{i}"),
+                    &[&v4],
+                    six,
+                ));
+            }
+        }
+        let mut names: Vec<String> = (0..n).map(|i| format!("d{i}")).collect();
+        names.extend(machines.iter().map(|m| m.name.to_string()));
+        names.push("host".into());
+        let mut policies = Vec::new();
+        for _ in 0..1 + rng.below(8) {
+            let from = names[rng.below(names.len() as u64) as usize].clone();
+            let to = names[rng.below(names.len() as u64) as usize].clone();
+            if from == "host" && to == "host" {
+                continue;
+            }
+            let ports: Value = if rng.below(6) == 0 {
+                json!("all")
+            } else {
+                (0..1 + rng.below(3))
+                    .map(|_| {
+                        let first = 1 + rng.below(30);
+                        match rng.below(3) {
+                            0 => json!(first),
+                            1 => json!(format!("{first}-{}", first + rng.below(20))),
+                            _ => json!(format!("1-{}", first + 10)),
+                        }
+                    })
+                    .collect()
+            };
+            let mut entry = json!({"from": from, "to": to, "ports": ports,
+                                   "bidirectional": rng.below(3) == 0});
+            if rng.below(2) == 0 {
+                entry["protocol"] = json!(["tcp", "udp"][rng.below(2) as usize]);
+            }
+            policies.push(entry);
+        }
+        let built = (|| -> anyhow::Result<String> {
+            let specs = PolicySpec::parse_all(&policies)?;
+            let mut machines = machines.clone();
+            anklume_isolation::model::confine_to_bridges(&mut machines, &bridges);
+            let world = World::new(&bridges, &machines);
+            let resolved = specs
+                .iter()
+                .map(|s| world.resolve(s))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let (plan, _) = HostPlan::build(HostPlanInput {
+                table: TableName::new(&format!("fuzz{case}")).unwrap(),
+                pattern: pattern.clone(),
+                bridges: &bridges,
+                admin: None,
+                policies: resolved,
+                gateway: GatewayServices::defaults(),
+                logging: None,
+                capabilities: Capabilities::ALL,
+            })?;
+            render::host(&plan)
+        })();
+        match built {
+            Ok(ruleset) => {
+                rendered += 1;
+                if rendered % 8 == 0 {
+                    batches.push(String::new());
+                }
+                batches.last_mut().unwrap().push_str(&ruleset);
+            }
+            Err(err) => {
+                refused += 1;
+                let msg = format!("{err:#}");
+                assert!(msg.contains("network policy #"), "case {case}: {msg}");
+            }
+        }
+    }
+    assert!(rendered > 250, "{rendered} rendered, {refused} refused");
+    for batch in &batches {
+        if let Err(err) = nft_check(batch) {
+            panic!("nft -c refused a fuzzed ruleset:\n{err}");
+        }
+    }
+}
