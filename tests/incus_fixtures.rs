@@ -72,7 +72,7 @@ fn an_instance_reporting_another_domains_address_does_not_widen_a_policy() {
     let text = render::host(&plan).unwrap();
     assert!(!text.contains(FOREIGN), "{text}");
     assert!(
-        text.contains("10.251.12.10 . 10.251.11.11 . tcp . 9010"),
+        text.contains("ip saddr 10.251.12.10 ip daddr 10.251.11.11 tcp dport 9010 accept"),
         "{text}"
     );
 

@@ -4,8 +4,8 @@
 //! (and the golden tests send real packets through the rendered text to
 //! compare with this evaluator).
 
-use super::rules::{Action, Chain, Cond, Family, FibSel, IfSel, Shape, FORWARD_CHAIN, INPUT_CHAIN};
-use super::{AddrExceptions, HostAddrExceptions, HostPlan, PairExceptions, PortSet};
+use super::rules::{Action, Chain, Cond, Family, FibSel, IfSel, FORWARD_CHAIN, INPUT_CHAIN};
+use super::{HostAddrExceptions, HostPlan, PortSet};
 use crate::model::Protocol;
 use std::net::IpAddr;
 
@@ -170,9 +170,8 @@ fn run(plan: &HostPlan, chains: &[Chain], name: &str, p: &Packet<'_>) -> Option<
         .iter()
         .find(|c| c.name == name)
         .unwrap_or_else(|| panic!("a rule jumps to chain {name}, which the plan does not have"));
-    let pair = chain.pair.as_ref().and_then(|key| plan.pairs.get(key));
     for rule in &chain.rules {
-        if !rule.conds.iter().all(|c| holds(plan, pair, c, p)) {
+        if !rule.conds.iter().all(|c| holds(plan, c, p)) {
             continue;
         }
         let verdict = match &rule.action {
@@ -206,7 +205,7 @@ fn family_of(a: IpAddr) -> Family {
     }
 }
 
-fn holds(plan: &HostPlan, pair: Option<&PairExceptions>, c: &Cond, p: &Packet<'_>) -> bool {
+fn holds(plan: &HostPlan, c: &Cond, p: &Packet<'_>) -> bool {
     let fib = |accepted: &[HostDst]| p.host_dst.is_some_and(|d| accepted.contains(&d));
     match c {
         Cond::CtEstablished => p.ct == CtState::Established,
@@ -236,19 +235,10 @@ fn holds(plan: &HostPlan, pair: Option<&PairExceptions>, c: &Cond, p: &Packet<'_
                 _ => false,
             }
         }
-        Cond::PairPorts => pair.is_some_and(|pair| p.l4.in_ports(&pair.ports)),
-        Cond::PairAddr(f, shape, ports) => {
-            let Some(pair) = pair else { return false };
-            match (f, p.src, p.dst) {
-                (Family::V4, IpAddr::V4(s), Some(IpAddr::V4(d))) => {
-                    pair_addr(&pair.v4, *shape, *ports, s, d, p.l4)
-                }
-                (Family::V6, IpAddr::V6(s), Some(IpAddr::V6(d))) => {
-                    pair_addr(&pair.v6, *shape, *ports, s, d, p.l4)
-                }
-                _ => false,
-            }
-        }
+        Cond::Saddr(a) => p.src == *a,
+        Cond::Daddr(a) => p.dst == Some(*a),
+        Cond::Dport(Protocol::Tcp, span) => matches!(p.l4, L4::Tcp(port) if span.contains(port)),
+        Cond::Dport(Protocol::Udp, span) => matches!(p.l4, L4::Udp(port) if span.contains(port)),
     }
 }
 
@@ -264,26 +254,5 @@ fn host_addr<A: Ord + Copy>(
             .any(|((b, a), set)| b.as_str() == p.iif && *a == src && p.l4.in_ports(set))
     } else {
         e.open.iter().any(|(b, a)| b.as_str() == p.iif && *a == src)
-    }
-}
-
-fn pair_addr<A: Ord + Copy>(
-    e: &AddrExceptions<A>,
-    shape: Shape,
-    ports: bool,
-    s: A,
-    d: A,
-    l4: L4,
-) -> bool {
-    match (shape, ports) {
-        (Shape::Src, false) => e.src_all.contains(&s),
-        (Shape::Src, true) => e.src_ports.get(&s).is_some_and(|set| l4.in_ports(set)),
-        (Shape::Dst, false) => e.dst_all.contains(&d),
-        (Shape::Dst, true) => e.dst_ports.get(&d).is_some_and(|set| l4.in_ports(set)),
-        (Shape::Both, false) => e.both_all.contains(&(s, d)),
-        (Shape::Both, true) => e
-            .both_ports
-            .get(&(s, d))
-            .is_some_and(|set| l4.in_ports(set)),
     }
 }

@@ -4,8 +4,9 @@
 //! and answers for a packet. Changing a rule, its order or its match text
 //! here changes both.
 
-use super::{HostPlan, PairExceptions};
-use crate::model::IfName;
+use super::{AddrExceptions, HostPlan, PairExceptions, PortSet};
+use crate::model::{IfName, PortSpan, Protocol};
+use std::net::IpAddr;
 
 /// Named sets and maps of the table (each name written once).
 pub const DOMAIN_BRIDGES: &str = "domain_bridges";
@@ -95,17 +96,6 @@ pub enum FibSel {
     AnyHostAddress,
 }
 
-/// Which part of a pair's exceptions a pair-chain rule consults.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Shape {
-    /// From a machine to the whole destination bridge.
-    Src,
-    /// From the whole source bridge to a machine.
-    Dst,
-    /// Machine to machine.
-    Both,
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Cond {
     CtEstablished,
@@ -125,11 +115,12 @@ pub enum Cond {
     /// `iifname . ip saddr @host_open_v4`, ...
     HostOpenAddr(Family),
     HostServicesAddr(Family),
-    /// In a pair chain: the pair's whole-bridge ports.
-    PairPorts,
-    /// In a pair chain: the pair's address exceptions (every packet when
-    /// `ports` is false).
-    PairAddr(Family, Shape, bool),
+    /// In a pair chain: one source address (`ip saddr`, `ip6 saddr`).
+    Saddr(IpAddr),
+    /// In a pair chain: one destination address.
+    Daddr(IpAddr),
+    /// In a pair chain: one port or range (`tcp dport 9000-9010`).
+    Dport(Protocol, PortSpan),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -378,39 +369,50 @@ impl HostPlan {
     }
 }
 
-/// The rules of a pair chain: only the exceptions the pair has.
+/// The rules of a pair chain: one rule per exception the pair has, plain
+/// comparisons and no anonymous set (the kernel names each anonymous set by
+/// scanning the table's sets, so thousands of them load in quadratic time:
+/// 13.9 s for 10,000 policies, 0.74 s as plain rules). A packet between two
+/// domains only walks the chain of its own pair.
 fn pair_rules(pair: &PairExceptions) -> Vec<Rule> {
     let mut rules = Vec::new();
-    if !pair.ports.is_empty() {
-        rules.push(Rule::new(vec![Cond::PairPorts], Action::Accept));
-    }
-    for (family, used) in [
-        (Family::V4, shapes_used(&pair.v4)),
-        (Family::V6, shapes_used(&pair.v6)),
-    ] {
-        for (shape, ports) in used {
-            rules.push(Rule::new(
-                vec![Cond::PairAddr(family, shape, ports)],
-                Action::Accept,
-            ));
-        }
-    }
+    rules.extend(port_rules(&pair.ports, vec![]));
+    addr_rules(&pair.v4, IpAddr::V4, &mut rules);
+    addr_rules(&pair.v6, IpAddr::V6, &mut rules);
     rules
 }
 
-fn shapes_used<A: Ord>(e: &super::AddrExceptions<A>) -> Vec<(Shape, bool)> {
-    [
-        (Shape::Src, false, !e.src_all.is_empty()),
-        (Shape::Src, true, !e.src_ports.is_empty()),
-        (Shape::Dst, false, !e.dst_all.is_empty()),
-        (Shape::Dst, true, !e.dst_ports.is_empty()),
-        (Shape::Both, false, !e.both_all.is_empty()),
-        (Shape::Both, true, !e.both_ports.is_empty()),
-    ]
-    .into_iter()
-    .filter(|(_, _, used)| *used)
-    .map(|(s, p, _)| (s, p))
-    .collect()
+fn port_rules(ports: &PortSet, conds: Vec<Cond>) -> impl Iterator<Item = Rule> + '_ {
+    ports.iter().map(move |(proto, span)| {
+        let mut all = conds.clone();
+        all.push(Cond::Dport(*proto, *span));
+        Rule::new(all, Action::Accept)
+    })
+}
+
+fn addr_rules<A: Ord + Copy>(e: &AddrExceptions<A>, ip: fn(A) -> IpAddr, rules: &mut Vec<Rule>) {
+    use Cond::{Daddr, Saddr};
+    for s in &e.src_all {
+        rules.push(Rule::new(vec![Saddr(ip(*s))], Action::Accept));
+    }
+    for (s, ports) in &e.src_ports {
+        rules.extend(port_rules(ports, vec![Saddr(ip(*s))]));
+    }
+    for d in &e.dst_all {
+        rules.push(Rule::new(vec![Daddr(ip(*d))], Action::Accept));
+    }
+    for (d, ports) in &e.dst_ports {
+        rules.extend(port_rules(ports, vec![Daddr(ip(*d))]));
+    }
+    for (s, d) in &e.both_all {
+        rules.push(Rule::new(
+            vec![Saddr(ip(*s)), Daddr(ip(*d))],
+            Action::Accept,
+        ));
+    }
+    for ((s, d), ports) in &e.both_ports {
+        rules.extend(port_rules(ports, vec![Saddr(ip(*s)), Daddr(ip(*d))]));
+    }
 }
 
 impl IfSel {
@@ -426,9 +428,8 @@ impl IfSel {
 }
 
 impl Cond {
-    /// The match as nft text. Pair-chain conditions carry an inline set of
-    /// the pair's elements, so they need the pair.
-    pub fn nft(&self, plan: &HostPlan, pair: Option<&PairExceptions>) -> String {
+    /// The match as nft text.
+    pub fn nft(&self, plan: &HostPlan) -> String {
         let wildcard = plan.pattern.wildcard();
         match self {
             Cond::CtEstablished => "ct state established,related".into(),
@@ -468,76 +469,17 @@ impl Cond {
                     f.ip()
                 )
             }
-            Cond::PairPorts => {
-                let pair = pair.expect("a pair condition is rendered in its pair chain");
-                let elements: Vec<String> = pair
-                    .ports
-                    .iter()
-                    .map(|(p, s)| format!("{} . {s}", p.as_str()))
-                    .collect();
-                format!("meta l4proto . th dport {{ {} }}", elements.join(", "))
-            }
-            Cond::PairAddr(family, shape, ports) => {
-                let pair = pair.expect("a pair condition is rendered in its pair chain");
-                let elements = match family {
-                    Family::V4 => addr_elements(&pair.v4, *shape, *ports),
-                    Family::V6 => addr_elements(&pair.v6, *shape, *ports),
-                };
-                let ip = family.ip();
-                let mut key = match shape {
-                    Shape::Src => format!("{ip} saddr"),
-                    Shape::Dst => format!("{ip} daddr"),
-                    Shape::Both => format!("{ip} saddr . {ip} daddr"),
-                };
-                if *ports {
-                    key.push_str(" . meta l4proto . th dport");
-                }
-                format!("{key} {{ {} }}", elements.join(", "))
-            }
+            Cond::Saddr(a) => format!("{} saddr {a}", ip_of(a)),
+            Cond::Daddr(a) => format!("{} daddr {a}", ip_of(a)),
+            Cond::Dport(p, span) => format!("{} dport {span}", p.as_str()),
         }
     }
 }
 
-fn with_ports<K: std::fmt::Display>(
-    map: &std::collections::BTreeMap<K, super::PortSet>,
-) -> Vec<String> {
-    map.iter()
-        .flat_map(|(k, set)| {
-            set.iter()
-                .map(move |(p, s)| format!("{k} . {} . {s}", p.as_str()))
-        })
-        .collect()
-}
-
-fn addr_elements<A: Ord + std::fmt::Display + Copy>(
-    e: &super::AddrExceptions<A>,
-    shape: Shape,
-    ports: bool,
-) -> Vec<String> {
-    struct Both<A>(A, A);
-    impl<A: std::fmt::Display> std::fmt::Display for Both<A> {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            write!(f, "{} . {}", self.0, self.1)
-        }
-    }
-    match (shape, ports) {
-        (Shape::Src, false) => e.src_all.iter().map(ToString::to_string).collect(),
-        (Shape::Src, true) => with_ports(&e.src_ports),
-        (Shape::Dst, false) => e.dst_all.iter().map(ToString::to_string).collect(),
-        (Shape::Dst, true) => with_ports(&e.dst_ports),
-        (Shape::Both, false) => e
-            .both_all
-            .iter()
-            .map(|(s, d)| Both(*s, *d).to_string())
-            .collect(),
-        (Shape::Both, true) => {
-            let keyed: std::collections::BTreeMap<String, super::PortSet> = e
-                .both_ports
-                .iter()
-                .map(|((s, d), set)| (Both(*s, *d).to_string(), set.clone()))
-                .collect();
-            with_ports(&keyed)
-        }
+fn ip_of(a: &IpAddr) -> &'static str {
+    match a {
+        IpAddr::V4(_) => "ip",
+        IpAddr::V6(_) => "ip6",
     }
 }
 

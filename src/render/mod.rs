@@ -287,7 +287,6 @@ fn maps(plan: &HostPlan) -> Vec<MapView> {
 }
 
 fn chain_view(plan: &HostPlan, chain: &Chain) -> ChainView {
-    let pair = chain.pair.as_ref().and_then(|k| plan.pairs.get(k));
     let why = match (&chain.why, &chain.pair) {
         (Some(why), _) => wrap(why),
         (None, Some((from, to))) => wrap(&format!(
@@ -307,7 +306,7 @@ fn chain_view(plan: &HostPlan, chain: &Chain) -> ChainView {
             .rules
             .iter()
             .map(|rule| {
-                let mut parts: Vec<String> = rule.conds.iter().map(|c| c.nft(plan, pair)).collect();
+                let mut parts: Vec<String> = rule.conds.iter().map(|c| c.nft(plan)).collect();
                 parts.push(rule.action.nft(plan));
                 RuleView {
                     why: rule.why.map(wrap).unwrap_or_default(),
