@@ -453,11 +453,10 @@ impl HostPlan {
     /// Expands one resolved policy into plan elements, in both directions
     /// when it is bidirectional.
     fn add_policy(&mut self, policy: ResolvedPolicy) -> PolicyEffect {
-        let before = self.size();
-        for flow in expand::flows(&policy) {
-            self.add_flow(&flow);
-        }
-        let elements = self.size() - before;
+        let elements = expand::flows(&policy)
+            .iter()
+            .map(|flow| self.add_flow(flow))
+            .sum();
         let note = match (&policy.from, &policy.to) {
             (crate::model::Endpoint::Host, _) if !policy.bidirectional => Some(
                 "the host already reaches every domain (host isolation filters forwarded and \
@@ -476,13 +475,20 @@ impl HostPlan {
         }
     }
 
-    fn add_flow(&mut self, flow: &Flow) {
+    /// Adds one flow; returns how many elements it added (before merging),
+    /// counted on the one pair or host entry it touches.
+    fn add_flow(&mut self, flow: &Flow) -> usize {
         match (&flow.from, &flow.to) {
-            (End::Host, _) => {}
-            (End::Bridge(src), End::Host) => self.host.add(src, &flow.traffic),
-            (End::Bridge(src), End::Bridge(dst)) if src.bridge == dst.bridge => {}
+            (End::Host, _) => 0,
+            (End::Bridge(src), End::Host) => {
+                let before = self.host.size();
+                self.host.add(src, &flow.traffic);
+                self.host.size() - before
+            }
+            (End::Bridge(src), End::Bridge(dst)) if src.bridge == dst.bridge => 0,
             (End::Bridge(src), End::Bridge(dst)) => {
                 let pair = self.pair_mut(&src.bridge, &dst.bridge);
+                let before = pair.size();
                 match (src.is_whole() && dst.is_whole(), &flow.traffic) {
                     (true, Traffic::All) => pair.all = true,
                     (true, Traffic::Ports(p, spans)) => pair.ports.add(*p, spans),
@@ -491,12 +497,9 @@ impl HostPlan {
                         pair.v6.add(&src.v6, &dst.v6, traffic);
                     }
                 }
+                pair.size() - before
             }
         }
-    }
-
-    fn size(&self) -> usize {
-        self.pairs.values().map(PairExceptions::size).sum::<usize>() + self.host.size()
     }
 
     pub fn bridges(&self) -> impl Iterator<Item = &IfName> {
