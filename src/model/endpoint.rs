@@ -191,6 +191,16 @@ impl<'a> World<'a> {
                 bridge: d.bridge.clone(),
             }),
             (None, Some([m])) => {
+                if m.ipv4.is_empty() && m.ipv6.is_empty() && !m.ignored.is_empty() {
+                    let list: Vec<String> = m.ignored.iter().map(IpAddr::to_string).collect();
+                    bail!(
+                        "machine \"{name}\" has no address on {}: it only reports {}, outside \
+                         the subnets of its bridge (ignored); give it an address on {}",
+                        m.bridge,
+                        list.join(", "),
+                        m.bridge
+                    );
+                }
                 if m.ipv4.is_empty() && m.ipv6.is_empty() {
                     bail!(
                         "machine \"{name}\" has no address on {}: start it or give its NIC a \

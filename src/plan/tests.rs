@@ -388,6 +388,19 @@ fn policy_errors_name_the_entry() {
     )
     .unwrap_err();
     assert!(format!("{err:#}").contains("has no address"), "{err:#}");
+    // Only an address of another domain: ignored, so no address, and said so.
+    let machines = [machine("squatter", PRO, &["10.1.0.5"], &[])];
+    let err = plan_with(
+        &[PRO, PERSO],
+        None,
+        &machines,
+        json!([{"from": "squatter", "to": "perso", "ports": "all"}]),
+    )
+    .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("only reports 10.1.0.5, outside the subnets"),
+        "{err:#}"
+    );
 }
 
 #[test]
