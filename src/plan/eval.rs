@@ -179,6 +179,11 @@ fn run(plan: &HostPlan, chains: &[Chain], name: &str, p: &Packet<'_>) -> Option<
             Action::Drop | Action::Deny | Action::HostDeny => Some(Verdict::Drop),
             Action::Log(_) => None,
             Action::Jump(target) => run(plan, chains, target, p),
+            Action::CtVmap => match p.ct {
+                CtState::Established => Some(Verdict::Accept),
+                CtState::Invalid => run(plan, chains, super::rules::INVALID_CHAIN, p),
+                CtState::New => None,
+            },
             Action::PairsVmap => {
                 let found = plan
                     .pairs
@@ -209,7 +214,6 @@ fn holds(plan: &HostPlan, c: &Cond, p: &Packet<'_>) -> bool {
     let fib = |accepted: &[HostDst]| p.host_dst.is_some_and(|d| accepted.contains(&d));
     match c {
         Cond::CtEstablished => p.ct == CtState::Established,
-        Cond::CtInvalid => p.ct == CtState::Invalid,
         Cond::Iif(sel) => plan.selects(*sel, p.iif),
         Cond::Oif(sel) => plan.selects(*sel, p.oif),
         Cond::Fib(FibSel::OwnLink) => {

@@ -99,7 +99,6 @@ pub enum FibSel {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Cond {
     CtEstablished,
-    CtInvalid,
     Iif(IfSel),
     Oif(IfSel),
     Fib(FibSel),
@@ -136,6 +135,9 @@ pub enum Action {
     Jump(String),
     /// `iifname . oifname vmap @pairs`: accept, or jump to the pair's chain.
     PairsVmap,
+    /// `ct state vmap { established : accept, related : accept, invalid :
+    /// jump invalid }`: one rule for what conntrack already knows.
+    CtVmap,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -203,13 +205,9 @@ impl HostPlan {
         use Cond::*;
         let mut rules = Vec::new();
         if self.conntrack {
-            rules.push(Rule::new(vec![CtEstablished], Action::Accept).why(
-                "Replies of connections that a rule below allowed, first: this is the one \
-                     lookup most packets take.",
-            ));
-            rules.push(Rule::new(
-                vec![CtInvalid],
-                Action::Jump(INVALID_CHAIN.into()),
+            rules.push(Rule::new(vec![], Action::CtVmap).why(
+                "Replies of connections that a rule below allowed, first: this is the one rule \
+                 most packets take. Invalid packets go to their own chain, new ones go on.",
             ));
         }
         rules.push(
@@ -433,7 +431,6 @@ impl Cond {
         let wildcard = plan.pattern.wildcard();
         match self {
             Cond::CtEstablished => "ct state established,related".into(),
-            Cond::CtInvalid => "ct state invalid".into(),
             Cond::Iif(sel) => sel.nft("iifname", &wildcard),
             Cond::Oif(sel) => sel.nft("oifname", &wildcard),
             Cond::Fib(FibSel::OwnLink) => {
@@ -497,6 +494,10 @@ impl Action {
             }
             Action::Jump(chain) => format!("jump {chain}"),
             Action::PairsVmap => format!("iifname . oifname vmap @{PAIRS}"),
+            Action::CtVmap => format!(
+                "ct state vmap {{ established : accept, related : accept, invalid : jump \
+                 {INVALID_CHAIN} }}"
+            ),
         }
     }
 }
