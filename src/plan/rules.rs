@@ -371,8 +371,9 @@ impl HostPlan {
 /// comparisons and no anonymous set (the kernel names each anonymous set by
 /// scanning the table's sets, so thousands of them load in quadratic time:
 /// 13.9 s for 10,000 policies, 0.74 s as plain rules). A packet between two
-/// domains only walks the chain of its own pair.
-fn pair_rules(pair: &PairExceptions) -> Vec<Rule> {
+/// domains only walks the chain of its own pair. The firewall router's
+/// pair chains are these same rules.
+pub fn pair_rules(pair: &PairExceptions) -> Vec<Rule> {
     let mut rules = Vec::new();
     rules.extend(port_rules(&pair.ports, vec![]));
     addr_rules(&pair.v4, IpAddr::V4, &mut rules);
@@ -428,11 +429,16 @@ impl IfSel {
 impl Cond {
     /// The match as nft text.
     pub fn nft(&self, plan: &HostPlan) -> String {
-        let wildcard = plan.pattern.wildcard();
+        self.nft_with(&plan.pattern.wildcard())
+    }
+
+    /// The match as nft text, `wildcard` standing for any domain bridge
+    /// name (only interface matches use it).
+    pub fn nft_with(&self, wildcard: &str) -> String {
         match self {
             Cond::CtEstablished => "ct state established,related".into(),
-            Cond::Iif(sel) => sel.nft("iifname", &wildcard),
-            Cond::Oif(sel) => sel.nft("oifname", &wildcard),
+            Cond::Iif(sel) => sel.nft("iifname", wildcard),
+            Cond::Oif(sel) => sel.nft("oifname", wildcard),
             Cond::Fib(FibSel::OwnLink) => {
                 "fib daddr . iif type { local, broadcast, multicast }".into()
             }
@@ -482,7 +488,12 @@ fn ip_of(a: &IpAddr) -> &'static str {
 
 impl Action {
     pub fn nft(&self, plan: &HostPlan) -> String {
-        let logged = plan.logging.is_some();
+        self.nft_with(plan.logging.is_some())
+    }
+
+    /// The action as nft text, `logged` when the table has the deny-log
+    /// maps.
+    pub fn nft_with(&self, logged: bool) -> String {
         match self {
             Action::Accept => "accept".into(),
             Action::Drop => "drop".into(),
