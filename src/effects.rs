@@ -100,6 +100,25 @@ struct Object {
     rest: BTreeMap<String, Value>,
 }
 
+/// A literal a rule compares with (a name, a number, an address, a prefix,
+/// a range), not a set reference or an expression.
+fn plain_value(v: &Value) -> bool {
+    match v {
+        Value::String(s) => !s.starts_with('@'),
+        Value::Number(_) => true,
+        Value::Object(o) => o.contains_key("range") || o.contains_key("prefix"),
+        _ => false,
+    }
+}
+
+/// The parts of a concatenation (`{"concat": [...]}`), or the one value.
+fn concat_parts(v: &Value) -> Vec<Value> {
+    match v.get("concat").and_then(Value::as_array) {
+        Some(parts) => parts.clone(),
+        None => vec![v.clone()],
+    }
+}
+
 impl Listing {
     pub fn parse(json: &str) -> anyhow::Result<Listing> {
         serde_json::from_str(json).context("nft printed JSON this module does not understand")
@@ -203,12 +222,94 @@ impl Listing {
         };
         let mut out = Vec::new();
         for (kind, rule) in &ours {
-            if *kind != "rule" || !rule.expr.iter().any(|s| s.contains_key("accept")) {
+            if *kind != "rule" {
                 continue;
             }
             let Some(hook) = rule.chain.as_deref().and_then(hook_of) else {
                 continue;
             };
+            // `<selectors> vmap @map` (the host's `iifname . oifname vmap
+            // @pairs`): a key whose verdict is accept is an accept element;
+            // a key that jumps to a chain is accepted by that chain's
+            // accept rules, each read as its plain matches.
+            for vmap in rule.expr.iter().filter_map(|s| s.get("vmap")) {
+                let Some(map) = vmap
+                    .get("data")
+                    .and_then(Value::as_str)
+                    .and_then(|d| d.strip_prefix('@'))
+                else {
+                    continue;
+                };
+                let Some(key) = vmap.get("key") else { continue };
+                let key_selectors = concat_parts(key);
+                let elements = ours
+                    .iter()
+                    .find(|(kind, o)| *kind == "map" && o.name.as_deref() == Some(map))
+                    .and_then(|(_, o)| o.rest.get("elem").and_then(Value::as_array).cloned())
+                    .unwrap_or_default();
+                for entry in &elements {
+                    let Some([element, verdict]) = entry.as_array().map(Vec::as_slice) else {
+                        continue;
+                    };
+                    if verdict.get("accept").is_some() {
+                        out.push((hook.clone(), key_selectors.clone(), vec![element.clone()]));
+                        continue;
+                    }
+                    let Some(target) = ["jump", "goto"]
+                        .iter()
+                        .find_map(|v| verdict.get(*v))
+                        .and_then(|j| j.get("target"))
+                        .and_then(Value::as_str)
+                    else {
+                        continue;
+                    };
+                    let chain_rules = ours
+                        .iter()
+                        .filter(|(kind, r)| *kind == "rule" && r.chain.as_deref() == Some(target));
+                    for (_, r) in chain_rules {
+                        if !r.expr.iter().any(|s| s.contains_key("accept")) {
+                            continue;
+                        }
+                        let mut selectors = key_selectors.clone();
+                        let mut atoms = concat_parts(element);
+                        for stmt in &r.expr {
+                            let Some(m) = stmt.get("match") else { continue };
+                            match serde_json::from_value::<Match>(m.clone()) {
+                                Ok(m) if m.op == "==" && plain_value(&m.right) => {
+                                    // `tcp dport 22` also means "TCP".
+                                    let proto = m
+                                        .left
+                                        .get("payload")
+                                        .and_then(|p| p.get("protocol"))
+                                        .and_then(Value::as_str)
+                                        .filter(|p| matches!(*p, "tcp" | "udp"));
+                                    if let Some(proto) = proto {
+                                        selectors
+                                            .push(serde_json::json!({"meta": {"key": "l4proto"}}));
+                                        atoms.push(Value::from(proto));
+                                    }
+                                    selectors.push(m.left);
+                                    atoms.push(m.right);
+                                }
+                                // Anything else matches anything: the error
+                                // is then to leave a flow, never to cut one.
+                                _ => {
+                                    selectors.push(Value::Null);
+                                    atoms.push(Value::Null);
+                                }
+                            }
+                        }
+                        out.push((
+                            hook.clone(),
+                            selectors,
+                            vec![serde_json::json!({"concat": atoms})],
+                        ));
+                    }
+                }
+            }
+            if !rule.expr.iter().any(|s| s.contains_key("accept")) {
+                continue;
+            }
             for m in rule
                 .expr
                 .iter()
@@ -224,11 +325,7 @@ impl Listing {
                 let Some(elements) = elements_of(set) else {
                     continue;
                 };
-                let selectors = match m.left.get("concat").and_then(Value::as_array) {
-                    Some(parts) => parts.clone(),
-                    None => vec![m.left.clone()],
-                };
-                out.push((hook.clone(), selectors, elements));
+                out.push((hook.clone(), concat_parts(&m.left), elements));
             }
         }
         out

@@ -319,4 +319,73 @@ mod tests {
         assert!(odd.admits(&flow(6005), &interfaces()));
         assert!(revoked(&old, &odd, &[flow(6005)], &interfaces()).is_empty());
     }
+
+    /// The host's shape: `iifname . oifname vmap @pairs`, a pair that
+    /// accepts, and a pair that jumps to a chain of plain-match rules.
+    fn pairs_admission(chain_rules: Vec<Value>) -> Admission {
+        let mut listing = vec![
+            json!({"table": {"family": "inet", "name": "t"}}),
+            json!({"map": {"family": "inet", "table": "t", "name": "pairs",
+                "type": ["ifname", "ifname"], "map": "verdict", "elem": [
+                    [{"concat": ["net-b", "net-a"]}, {"accept": null}],
+                    [{"concat": ["net-a", "net-b"]}, {"jump": {"target": "pair/net-a/net-b"}}]]}}),
+            json!({"chain": {"family": "inet", "table": "t", "name": "pair/net-a/net-b"}}),
+            json!({"chain": {"family": "inet", "table": "t", "name": "isolation",
+                "type": "filter", "hook": "forward", "prio": -1, "policy": "accept"}}),
+            json!({"rule": {"family": "inet", "table": "t", "chain": "isolation", "expr": [
+                {"vmap": {"key": {"ct": {"key": "state"}}, "data": {"set": [
+                    ["established", {"accept": null}]]}}},
+            ]}}),
+            json!({"rule": {"family": "inet", "table": "t", "chain": "isolation", "expr": [
+                {"vmap": {"key": {"concat": [{"meta": {"key": "iifname"}},
+                    {"meta": {"key": "oifname"}}]}, "data": "@pairs"}}]}}),
+        ];
+        listing.extend(chain_rules.into_iter().map(|expr| {
+            json!({"rule": {"family": "inet", "table": "t", "chain": "pair/net-a/net-b",
+                "expr": expr}})
+        }));
+        Admission::of(&json!({ "nftables": listing }), "t").unwrap()
+    }
+
+    fn udp_dport(range: Value) -> Value {
+        json!([
+            {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}},
+                "right": "10.231.1.2"}},
+            {"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}},
+                "right": range}},
+            {"accept": null}
+        ])
+    }
+
+    #[test]
+    fn pair_chains_behind_a_verdict_map_are_read() {
+        let old = pairs_admission(vec![
+            udp_dport(json!(5001)),
+            udp_dport(json!({"range": [6000, 6010]})),
+        ]);
+        let new = pairs_admission(vec![udp_dport(json!(5001))]);
+        let flows = [flow(5001), flow(6005), flow(7000)];
+        assert!(old.admits(&flows[0], &interfaces()));
+        assert_eq!(revoked(&old, &new, &flows, &interfaces()), vec![&flows[1]]);
+        // `udp dport` is UDP only: a TCP flow to 5001 was never admitted.
+        let tcp = Flow {
+            proto: 6,
+            ..flow(5001)
+        };
+        assert!(!old.admits(&tcp, &interfaces()));
+        // The accepting pair admits everything from net-b to net-a.
+        let back = Flow {
+            src: "10.231.2.2".parse().unwrap(),
+            dst: "10.231.1.2".parse().unwrap(),
+            ..flow(7000)
+        };
+        assert!(new.admits(&back, &interfaces()));
+        // A match this module cannot read admits (never cuts).
+        let odd = pairs_admission(vec![json!([
+            {"match": {"op": "!=", "left": {"payload": {"protocol": "ip", "field": "saddr"}},
+                "right": "10.9.9.9"}},
+            {"accept": null}
+        ])]);
+        assert!(odd.admits(&flow(7000), &interfaces()));
+    }
 }
