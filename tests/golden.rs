@@ -144,6 +144,20 @@ fn cases() -> Vec<Case> {
             ]),
             ..Case::new("overlaps")
         },
+        // Inbound from networks outside the domains: overlapping networks
+        // into one domain (plain rules, not a set, so they may overlap), both
+        // families, a network covering every domain subnet, logged drops.
+        Case {
+            logging: true,
+            policies: json!([
+                {"from": "192.168.1.10/32", "to": "pro", "ports": [22]},
+                {"from": "192.168.1.0/24", "to": "pro", "ports": [22, 443]},
+                {"from": "2001:db8:251::/64", "to": "pro", "ports": "all"},
+                {"from": "10.0.0.0/8", "to": "perso", "ports": [53], "protocol": "udp"},
+                {"from": "perso", "to": "198.51.100.0/24", "ports": [443]}
+            ]),
+            ..Case::new("inbound")
+        },
         Case {
             logging: true,
             capabilities: Capabilities {

@@ -298,6 +298,15 @@ fn add_host_addrs<A: Ord + Copy>(
     }
 }
 
+/// What policies open from one network outside the domains into one
+/// domain bridge.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct InboundExceptions {
+    /// Every packet.
+    pub all: bool,
+    pub ports: PortSet,
+}
+
 /// Everything `render::host` needs, decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostPlan {
@@ -310,6 +319,11 @@ pub struct HostPlan {
     /// here are dropped.
     pub pairs: BTreeMap<(IfName, IfName), PairExceptions>,
     pub host: HostExceptions,
+    /// Destination bridge -> source network -> what policies open from
+    /// that network (outside the domains) into the bridge. Bridges absent
+    /// here take no new connection from outside but Incus's published
+    /// (DNAT) ones.
+    pub inbound: BTreeMap<IfName, BTreeMap<ipnet::IpNet, InboundExceptions>>,
     pub gateway: GatewayServices,
     pub logging: Option<LogSettings>,
     pub conntrack: bool,
@@ -385,6 +399,7 @@ impl HostPlan {
             admin: input.admin,
             pairs: BTreeMap::new(),
             host: HostExceptions::default(),
+            inbound: BTreeMap::new(),
             gateway: input.gateway,
             logging: None,
             conntrack: input.capabilities.conntrack,
@@ -416,6 +431,11 @@ impl HostPlan {
             pair.v6.normalize();
         }
         plan.host.normalize();
+        for nets in plan.inbound.values_mut() {
+            for e in nets.values_mut() {
+                e.ports.normalize();
+            }
+        }
 
         if let Some(logging) = input.logging {
             let caps = input.capabilities;
@@ -463,6 +483,11 @@ impl HostPlan {
                  input traffic, not the host's own output): nothing to open"
                     .to_string(),
             ),
+            (_, crate::model::Endpoint::Network { .. }) if !policy.bidirectional => Some(
+                "domains reach networks outside the domains already (internet egress): nothing to \
+                 open"
+                    .to_string(),
+            ),
             (from, to) if from.bridge().is_some() && from.bridge() == to.bridge() => Some(
                 "both ends are on the same bridge, where traffic is already allowed".to_string(),
             ),
@@ -479,7 +504,28 @@ impl HostPlan {
     /// counted on the one pair or host entry it touches.
     fn add_flow(&mut self, flow: &Flow) -> usize {
         match (&flow.from, &flow.to) {
-            (End::Host, _) => 0,
+            (End::Host, _) | (End::Bridge(_), End::Network(_)) => 0,
+            (End::Network(_), End::Host | End::Network(_)) => {
+                unreachable!("refused when the policy is resolved")
+            }
+            (End::Network(net), End::Bridge(dst)) => {
+                assert!(
+                    dst.is_whole(),
+                    "network-to-machine is refused when resolved"
+                );
+                let e = self
+                    .inbound
+                    .entry(dst.bridge.clone())
+                    .or_default()
+                    .entry(*net)
+                    .or_default();
+                let before = usize::from(e.all) + e.ports.len();
+                match &flow.traffic {
+                    Traffic::All => e.all = true,
+                    Traffic::Ports(p, spans) => e.ports.add(*p, spans),
+                }
+                usize::from(e.all) + e.ports.len() - before
+            }
             (End::Bridge(src), End::Host) => {
                 let before = self.host.size();
                 self.host.add(src, &flow.traffic);

@@ -11,6 +11,7 @@ use std::net::IpAddr;
 /// Named sets and maps of the table (each name written once).
 pub const DOMAIN_BRIDGES: &str = "domain_bridges";
 pub const PAIRS: &str = "pairs";
+pub const INBOUND: &str = "inbound";
 pub const GATEWAY_SERVICES: &str = "gateway_services";
 pub const HOST_OPEN: &str = "host_open";
 pub const HOST_SERVICES: &str = "host_services";
@@ -47,6 +48,11 @@ pub fn pair_chain_name(from: &IfName, to: &IfName) -> String {
 }
 
 /// The chain that logs and drops what a domain's bridge may not send.
+/// The chain of what policies open from networks outside into a bridge.
+pub fn inbound_chain_name(to: &IfName) -> String {
+    format!("inbound/{to}")
+}
+
 pub fn deny_chain_name(bridge: &IfName) -> String {
     format!("deny-{bridge}")
 }
@@ -120,6 +126,11 @@ pub enum Cond {
     Daddr(IpAddr),
     /// In a pair chain: one port or range (`tcp dport 9000-9010`).
     Dport(Protocol, PortSpan),
+    /// `ct status dnat`: a connection whose destination Incus rewrote (a
+    /// network forward, a proxy device in NAT mode).
+    CtDnat,
+    /// In an inbound chain: a source network (`ip saddr 192.0.2.0/24`).
+    SaddrNet(ipnet::IpNet),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,6 +146,9 @@ pub enum Action {
     Jump(String),
     /// `iifname . oifname vmap @pairs`: accept, or jump to the pair's chain.
     PairsVmap,
+    /// `oifname vmap @inbound`: a bridge some policy opens to networks
+    /// outside jumps to its inbound chain.
+    InboundVmap,
     /// `ct state vmap { established : accept, related : accept, invalid :
     /// jump invalid }`: one rule for what conntrack already knows.
     CtVmap,
@@ -181,6 +195,15 @@ impl HostPlan {
         if self.conntrack {
             chains.push(self.invalid_chain());
         }
+        for (to, nets) in &self.inbound {
+            chains.push(Chain {
+                name: inbound_chain_name(to),
+                hook: None,
+                why: Some("What policies open from networks outside the domains into this bridge."),
+                pair: None,
+                rules: inbound_rules(nets),
+            });
+        }
         for ((from, to), pair) in &self.pairs {
             if !pair.all {
                 chains.push(Chain {
@@ -222,10 +245,7 @@ impl HostPlan {
                  pairs accept; a pair that policies open jumps to its own small chain; any other \
                  pair goes on to the drops.",
         ));
-        rules.push(
-            Rule::new(vec![Iif(IfSel::NotDomainish)], Action::Accept)
-                .why("From outside the domains (inbound to a domain): not ours to judge."),
-        );
+        rules.extend(self.inbound_rules());
         rules.push(
             Rule::new(vec![Iif(IfSel::Known), Oif(IfSel::Known)], Action::Deny)
                 .why("Cross-domain traffic between known bridges."),
@@ -258,6 +278,41 @@ impl HostPlan {
             pair: None,
             rules,
         }
+    }
+
+    /// New connections from outside the domains (the uplink, another
+    /// bridge, routed IPv6) into a domain: here only packets whose output
+    /// is a domain bridge are left, since egress left above.
+    fn inbound_rules(&self) -> Vec<Rule> {
+        use Cond::*;
+        let outside = || Iif(IfSel::NotDomainish);
+        if !self.conntrack {
+            // Without conntrack, replies to a domain's own internet traffic
+            // look like new connections from outside: dropping them would cut
+            // every domain off the internet.
+            return vec![Rule::new(vec![outside()], Action::Accept).why(
+                "From outside the domains: without conntrack, replies to a domain's own \
+                 connections cannot be told from new connections, so inbound stays open.",
+            )];
+        }
+        let mut rules = vec![Rule::new(vec![outside(), CtDnat], Action::Accept).why(
+            "From outside into a domain, what Incus publishes: network forwards and proxy \
+             devices in NAT mode rewrite the destination (DNAT) before this hook.",
+        )];
+        if !self.inbound.is_empty() {
+            rules.push(
+                Rule::new(vec![outside()], Action::InboundVmap)
+                    .why("What policies open from networks outside into a domain: one lookup."),
+            );
+        }
+        if let Some(log) = self.log("DENY-INBOUND") {
+            rules.push(Rule::new(vec![outside()], log));
+        }
+        rules.push(
+            Rule::new(vec![outside()], Action::Drop)
+                .why("Every other new connection from outside into a domain."),
+        );
+        rules
     }
 
     fn invalid_chain(&self) -> Chain {
@@ -367,6 +422,22 @@ impl HostPlan {
     }
 }
 
+/// The rules of an inbound chain: one plain rule per source network and
+/// port span (networks may overlap, which a set would refuse).
+fn inbound_rules(
+    nets: &std::collections::BTreeMap<ipnet::IpNet, super::InboundExceptions>,
+) -> Vec<Rule> {
+    let mut rules = Vec::new();
+    for (net, e) in nets {
+        if e.all {
+            rules.push(Rule::new(vec![Cond::SaddrNet(*net)], Action::Accept));
+        } else {
+            rules.extend(port_rules(&e.ports, vec![Cond::SaddrNet(*net)]));
+        }
+    }
+    rules
+}
+
 /// The rules of a pair chain: one rule per exception the pair has, plain
 /// comparisons and no anonymous set (the kernel names each anonymous set by
 /// scanning the table's sets, so thousands of them load in quadratic time:
@@ -469,6 +540,10 @@ impl Cond {
             Cond::Saddr(a) => format!("{} saddr {a}", ip_of(a)),
             Cond::Daddr(a) => format!("{} daddr {a}", ip_of(a)),
             Cond::Dport(p, span) => format!("{} dport {span}", p.as_str()),
+            Cond::CtDnat => "ct status dnat".into(),
+            Cond::SaddrNet(net) => {
+                format!("{} saddr {net}", ip_of(&net.addr()))
+            }
         }
     }
 }
@@ -494,6 +569,7 @@ impl Action {
             }
             Action::Jump(chain) => format!("jump {chain}"),
             Action::PairsVmap => format!("iifname . oifname vmap @{PAIRS}"),
+            Action::InboundVmap => format!("oifname vmap @{INBOUND}"),
             Action::CtVmap => format!(
                 "ct state vmap {{ established : accept, related : accept, invalid : jump \
                  {INVALID_CHAIN} }}"

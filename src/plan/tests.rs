@@ -110,9 +110,26 @@ fn strict_isolation_allows_same_bridge_and_internet_only() {
         plan.forward_verdict(&fwd(PRO, "eth0", a, internet, L4::Tcp(443))),
         Verdict::Accept
     );
+    let egress_reply = Forwarded {
+        ct: CtState::Established,
+        ..fwd("eth0", PRO, internet, a, L4::Tcp(40000))
+    };
+    assert_eq!(plan.forward_verdict(&egress_reply), Verdict::Accept);
+    // A new connection from outside into a domain: dropped, unless Incus
+    // published it (a network forward or NAT proxy device: DNAT).
     assert_eq!(
-        plan.forward_verdict(&fwd("eth0", PRO, internet, a, L4::Tcp(40000))),
-        Verdict::Accept
+        plan.forward_verdict(&fwd("eth0", PRO, internet, a, L4::Tcp(22))),
+        Verdict::Drop
+    );
+    let published = Forwarded {
+        ct: CtState::NewDnat,
+        ..fwd("eth0", PRO, internet, a, L4::Tcp(22))
+    };
+    assert_eq!(plan.forward_verdict(&published), Verdict::Accept);
+    // A bridge made after the render takes no inbound either (fail closed).
+    assert_eq!(
+        plan.forward_verdict(&fwd("eth0", "net-new", internet, a, L4::Tcp(22))),
+        Verdict::Drop
     );
     // Conntrack comes first: replies pass, invalid packets do not.
     let reply = Forwarded {
@@ -172,6 +189,117 @@ fn admin_opens_towards_every_domain_and_nothing_back() {
         ..fwd(PRO, ADMIN, p, a, L4::Tcp(40000))
     };
     assert_eq!(plan.forward_verdict(&reply), Verdict::Accept);
+}
+
+#[test]
+fn a_network_policy_opens_inbound_to_its_domain_only() {
+    let plan = plan_with(
+        &[ADMIN, PRO, PERSO],
+        None,
+        &[],
+        json!([
+            {"from": "192.0.2.0/24", "to": "pro", "ports": [22]},
+            {"from": "2001:db8::/64", "to": "pro", "ports": "all"},
+            {"description": "Covers every domain subnet", "from": "10.0.0.0/8", "to": "perso", "ports": [80]},
+            {"from": "pro", "to": "198.51.100.0/24", "ports": [443]}
+        ]),
+    )
+    .unwrap();
+    let (pro, perso) = (v4("10.1.0.5"), v4("10.2.0.5"));
+    let cases = [
+        (
+            "eth0",
+            PRO,
+            v4("192.0.2.9"),
+            pro,
+            L4::Tcp(22),
+            Verdict::Accept,
+        ),
+        (
+            "eth0",
+            PRO,
+            v4("192.0.2.9"),
+            pro,
+            L4::Tcp(23),
+            Verdict::Drop,
+        ),
+        (
+            "eth0",
+            PRO,
+            v4("192.0.3.9"),
+            pro,
+            L4::Tcp(22),
+            Verdict::Drop,
+        ),
+        (
+            "eth0",
+            PERSO,
+            v4("192.0.2.9"),
+            perso,
+            L4::Tcp(22),
+            Verdict::Drop,
+        ),
+        (
+            "eth0",
+            PRO,
+            v6("2001:db8::9"),
+            v6("fd00:1::5"),
+            L4::Icmp,
+            Verdict::Accept,
+        ),
+        (
+            "eth0",
+            PRO,
+            v6("2001:db8:1::9"),
+            v6("fd00:1::5"),
+            L4::Icmp,
+            Verdict::Drop,
+        ),
+        (
+            "eth0",
+            PERSO,
+            v4("10.9.0.9"),
+            perso,
+            L4::Tcp(80),
+            Verdict::Accept,
+        ),
+        // The network covers pro's subnet: it never opens pro -> perso.
+        (PRO, PERSO, pro, perso, L4::Tcp(80), Verdict::Drop),
+    ];
+    for (iif, oif, src, dst, l4, want) in cases {
+        assert_eq!(
+            plan.forward_verdict(&fwd(iif, oif, src, dst, l4)),
+            want,
+            "{iif} -> {oif} {src} -> {dst} {l4:?}"
+        );
+    }
+    // Domain -> network is egress, already open: the policy says so.
+    assert!(plan.policies[3].note.as_deref().unwrap().contains("egress"));
+}
+
+#[test]
+fn network_ends_are_refused_where_they_would_be_misread() {
+    let m = machine("nas", PERSO, &["10.2.0.10"], &[]);
+    for (from, to, says) in [
+        ("192.0.2.0/24", "nas", "not supported yet"),
+        ("192.0.2.0/24", "host", "with the host"),
+        ("192.0.2.0/24", "198.51.100.0/24", "both networks"),
+        ("192.0.2.1/24", "pro", "write 192.0.2.0/24"),
+        ("192.0.2.0/33", "pro", "not a CIDR"),
+    ] {
+        let err = plan_with(
+            &[ADMIN, PRO, PERSO],
+            None,
+            std::slice::from_ref(&m),
+            json!([{"from": from, "to": to, "ports": [22]}]),
+        )
+        .unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains(says) && msg.contains("#1"),
+            "{from} -> {to}: {msg}"
+        );
+    }
 }
 
 #[test]
@@ -477,6 +605,9 @@ mod properties {
     fn endpoint_matches(truth: &Truth, e: &Endpoint, iif: &str, src: IpAddr) -> bool {
         match e {
             Endpoint::Host => false,
+            // A network end matches packets from outside the domains only
+            // (`iif` is not a domain bridge), whatever its addresses cover.
+            Endpoint::Network { cidr } => !iif.starts_with("net-") && cidr.contains(&src),
             Endpoint::Domain { bridge, .. } => bridge.as_str() == iif,
             Endpoint::Machine { name, .. } => {
                 let (bridge, addrs) = &truth[name.as_str()];
@@ -525,6 +656,20 @@ mod properties {
         p: &Forwarded<'_>,
     ) -> Verdict {
         let known_if = |i: &str| known.contains(&i);
+        let domainish = |i: &str| i.starts_with("net-");
+        if !domainish(p.iif) && domainish(p.oif) {
+            // Inbound: published by Incus (DNAT), or opened by a policy
+            // from a network into the destination's domain.
+            return verdict(
+                p.ct == CtState::NewDnat
+                    || some_policy(policies, |from, to, traffic| {
+                        matches!(from, Endpoint::Network { .. })
+                            && endpoint_matches(truth, from, p.iif, p.src)
+                            && endpoint_matches(truth, to, p.oif, p.dst)
+                            && traffic_matches(traffic, p.l4)
+                    }),
+            );
+        }
         if !(known_if(p.iif) && known_if(p.oif)) || p.iif == p.oif || admin == Some(p.iif) {
             return Verdict::Accept;
         }
@@ -625,12 +770,32 @@ mod properties {
             .chain(machines.iter().map(|m| m.name.to_string()))
             .chain(["host".to_string()])
             .collect();
+        // Networks outside the domains; 10.0.0.0/8 and fd00::/8 also cover
+        // every domain's subnet, which must never open anything between
+        // domains.
+        let networks = [
+            "192.0.2.0/24",
+            "192.0.2.7/32",
+            "2001:db8::/64",
+            "10.0.0.0/8",
+            "fd00::/8",
+        ];
         let mut policies = Vec::new();
         for _ in 0..rng.below(6) {
-            let from = &endpoint_names[rng.below(endpoint_names.len() as u64) as usize];
-            let to = &endpoint_names[rng.below(endpoint_names.len() as u64) as usize];
+            let mut from = endpoint_names[rng.below(endpoint_names.len() as u64) as usize].clone();
+            let mut to = endpoint_names[rng.below(endpoint_names.len() as u64) as usize].clone();
             if from == "host" && to == "host" {
                 continue;
+            }
+            if rng.chance(30) {
+                // A network with a domain, either way.
+                let net = networks[rng.below(networks.len() as u64) as usize].to_string();
+                let domain = format!("d{}", rng.below(n_domains as u64));
+                (from, to) = if rng.chance(70) {
+                    (net, domain)
+                } else {
+                    (domain, net)
+                };
             }
             let mut entry = json!({"from": from, "to": to, "ports": random_ports(&mut rng),
                                    "bidirectional": rng.chance(30)});
@@ -694,6 +859,43 @@ mod properties {
             L4::Udp(205),
             L4::Tcp(400),
         ];
+        // From outside: the uplink, from outside addresses and from
+        // addresses that look like a domain's, new and DNAT'ed.
+        let outside: Vec<IpAddr> = [
+            "192.0.2.7",
+            "192.0.2.8",
+            "198.51.100.2",
+            "2001:db8::7",
+            "2001:db8:1::7",
+        ]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .chain(addrs.iter().copied())
+        .collect();
+        for src in &outside {
+            for dst in &addrs {
+                if src.is_ipv4() != dst.is_ipv4() {
+                    continue;
+                }
+                for oif in names.iter().map(String::as_str).chain(["net-new"]) {
+                    for l4 in l4s {
+                        for ct in [CtState::New, CtState::NewDnat] {
+                            let packet = Forwarded {
+                                ct,
+                                ..fwd("uplink0", oif, *src, *dst, l4)
+                            };
+                            let want =
+                                oracle_forward(&truth, &resolved, admin, &name_refs, &packet);
+                            assert_eq!(
+                                eval.forward(&packet),
+                                want,
+                                "seed {seed}: {packet:?}\npolicies {policies:#?}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
         for src in &addrs {
             let own = bridge_of(src);
             for iif in [&names[own], &names[(own + 1) % n_domains]] {

@@ -6,9 +6,9 @@
 
 use crate::model::IfName;
 use crate::plan::rules::{
-    pair_chain_name, Chain, DENY_LOG, DOMAIN_BRIDGES, GATEWAY_SERVICES, HOST_DENY_LOG, HOST_OPEN,
-    HOST_OPEN_V4, HOST_OPEN_V6, HOST_SERVICES, HOST_SERVICES_V4, HOST_SERVICES_V6, LOG_BUDGET,
-    PAIRS,
+    inbound_chain_name, pair_chain_name, Chain, DENY_LOG, DOMAIN_BRIDGES, GATEWAY_SERVICES,
+    HOST_DENY_LOG, HOST_OPEN, HOST_OPEN_V4, HOST_OPEN_V6, HOST_SERVICES, HOST_SERVICES_V4,
+    HOST_SERVICES_V6, INBOUND, LOG_BUDGET, PAIRS,
 };
 use crate::plan::{HostAddrExceptions, HostPlan, PortSet};
 use anyhow::Context;
@@ -258,6 +258,21 @@ fn maps(plan: &HostPlan) -> Vec<MapView> {
             })
             .collect(),
     }];
+    if !plan.inbound.is_empty() {
+        maps.push(MapView {
+            name: INBOUND,
+            why: wrap(
+                "Domain bridges that policies open to networks outside the domains -> the chain \
+                 of those networks and ports.",
+            ),
+            type_: "ifname : verdict",
+            elements: plan
+                .inbound
+                .keys()
+                .map(|b| format!("{} : jump {}", quoted(b), inbound_chain_name(b)))
+                .collect(),
+        });
+    }
     if plan.logging.is_some() {
         for (name, chain_of, why) in [
             (
