@@ -10,8 +10,8 @@
 
 use anklume_isolation::model::logging::RawLogging;
 use anklume_isolation::model::{
-    BridgePattern, DomainBridge, GatewayServices, IfName, LogSettings, Machine, Name, PolicySpec,
-    TableName, World,
+    BridgePattern, DomainBridge, DomainSettings, GatewayServices, IfName, LogSettings, Machine,
+    Name, PolicySpec, TableName, World,
 };
 use anklume_isolation::plan::{Capabilities, HostPlan, HostPlanInput};
 use anklume_isolation::render;
@@ -27,6 +27,8 @@ struct Case {
     policies: Value,
     logging: bool,
     capabilities: Capabilities,
+    /// The `domains` option.
+    domains: Value,
 }
 
 impl Case {
@@ -39,6 +41,7 @@ impl Case {
             policies: json!([]),
             logging: false,
             capabilities: Capabilities::ALL,
+            domains: json!({}),
         }
     }
 }
@@ -70,6 +73,10 @@ fn render_case(case: &Case) -> String {
     })
     .unwrap();
     let (plan, _) = HostPlan::build(HostPlanInput {
+        domain_settings: DomainSettings::parse(
+            &serde_json::from_value(case.domains.clone()).unwrap(),
+        )
+        .unwrap(),
         table: TableName::new("anklume").unwrap(),
         pattern,
         bridges: &bridges,
@@ -157,6 +164,23 @@ fn cases() -> Vec<Case> {
                 {"from": "perso", "to": "198.51.100.0/24", "ports": [443]}
             ]),
             ..Case::new("inbound")
+        },
+        // Internet per domain: one closed, one on two ports with a policy to
+        // a network; the third unrestricted (its policy to a network is a
+        // no-op).
+        Case {
+            logging: true,
+            domains: json!({
+                "pro": {"internet": false},
+                "perso": {"egress": [{"protocol": "udp", "port": 53}, {"protocol": "tcp", "port": "443-444"}]},
+                "anklume": {"internet": true}
+            }),
+            policies: json!([
+                {"from": "pro", "to": "198.51.100.0/24", "ports": [80]},
+                {"from": "perso", "to": "2001:db8:251::/64", "ports": "all"},
+                {"from": "anklume", "to": "192.0.2.0/24", "ports": [22]}
+            ]),
+            ..Case::new("egress")
         },
         Case {
             logging: true,
@@ -335,6 +359,7 @@ fn fuzzed_policies_render_what_nft_accepts_or_are_refused_naming_the_entry() {
                 .map(|s| world.resolve(s))
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let (plan, _) = HostPlan::build(HostPlanInput {
+                domain_settings: Default::default(),
                 table: TableName::new(&format!("fuzz{case}")).unwrap(),
                 pattern: pattern.clone(),
                 bridges: &bridges,

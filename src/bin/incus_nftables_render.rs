@@ -5,8 +5,8 @@
 
 use anklume_isolation::model::logging::RawLogging;
 use anklume_isolation::model::{
-    confine_to_bridges, BridgePattern, DomainBridge, EndpointRef, GatewayServices, IfName,
-    LogSettings, PolicySpec, TableName, World,
+    confine_to_bridges, BridgePattern, DomainBridge, DomainSettings, EndpointRef, GatewayServices,
+    IfName, LogSettings, PolicySpec, TableName, World,
 };
 use anklume_isolation::module::{self, Diff, Invocation, ModuleOptions, Outcome};
 use anklume_isolation::plan::{Capabilities, HostPlan, HostPlanInput};
@@ -17,7 +17,7 @@ use anklume_isolation::{render, sha256_hex};
 use anyhow::{bail, Context};
 use serde::Deserialize;
 use serde_json::Value;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 const DEFAULT_PATTERN: &str = "net-";
@@ -38,6 +38,7 @@ struct Options {
     logging: Option<RawLogging>,
     project: Option<String>,
     gateway_services: Option<Vec<String>>,
+    domains: Option<BTreeMap<String, Value>>,
 }
 
 impl ModuleOptions for Options {
@@ -53,6 +54,7 @@ impl ModuleOptions for Options {
         "logging",
         "project",
         "gateway_services",
+        "domains",
     ];
 }
 
@@ -111,6 +113,8 @@ fn render_module(inv: &Invocation<Options>) -> anyhow::Result<Outcome> {
         Some(entries) => GatewayServices::parse(entries).context("option `gateway_services`")?,
         None => GatewayServices::defaults(),
     };
+    let domain_settings = DomainSettings::parse(&opts.domains.clone().unwrap_or_default())
+        .context("option `domains`")?;
 
     // Discover: the bridges, and the machines only when a policy names one.
     let incus = || Incus::find();
@@ -166,6 +170,7 @@ fn render_module(inv: &Invocation<Options>) -> anyhow::Result<Outcome> {
         .flat_map(|p| p.warnings.iter().cloned())
         .collect();
     let (plan, plan_warnings) = HostPlan::build(HostPlanInput {
+        domain_settings,
         table,
         pattern,
         bridges: &bridges,

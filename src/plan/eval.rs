@@ -198,6 +198,10 @@ fn run(plan: &HostPlan, chains: &[Chain], name: &str, p: &Packet<'_>) -> Option<
                     Some(((i, o), _)) => run(plan, chains, &super::rules::pair_chain_name(i, o), p),
                 }
             }
+            Action::EgressVmap => match plan.egress.keys().find(|b| b.as_str() == p.iif) {
+                None => None,
+                Some(b) => run(plan, chains, &super::rules::egress_chain_name(b), p),
+            },
             Action::InboundVmap => match plan.inbound.keys().find(|b| b.as_str() == p.oif) {
                 None => None,
                 Some(b) => run(plan, chains, &super::rules::inbound_chain_name(b), p),
@@ -252,6 +256,7 @@ fn holds(plan: &HostPlan, c: &Cond, p: &Packet<'_>) -> bool {
         Cond::Dport(Protocol::Udp, span) => matches!(p.l4, L4::Udp(port) if span.contains(port)),
         Cond::CtDnat => p.ct == CtState::NewDnat,
         Cond::SaddrNet(net) => net.contains(&p.src),
+        Cond::DaddrNet(net) => p.dst.is_some_and(|d| net.contains(&d)),
     }
 }
 

@@ -17,8 +17,8 @@ pub mod expand;
 pub mod rules;
 
 use crate::model::{
-    merge_spans, BridgePattern, DomainBridge, GatewayServices, IfName, LogSettings, Name, PortSpan,
-    Protocol, ResolvedPolicy, TableName, Traffic,
+    merge_spans, BridgePattern, DomainBridge, DomainSettings, GatewayServices, IfName, Internet,
+    LogSettings, Name, PortSpan, Protocol, ResolvedPolicy, TableName, Traffic,
 };
 use anyhow::{bail, ensure};
 use expand::{End, Flow, Scope, Side};
@@ -298,13 +298,23 @@ fn add_host_addrs<A: Ord + Copy>(
     }
 }
 
-/// What policies open from one network outside the domains into one
-/// domain bridge.
+/// What policies open between one network outside the domains and one
+/// domain bridge (inbound into it, or egress from it when restricted).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct InboundExceptions {
+pub struct NetExceptions {
     /// Every packet.
     pub all: bool,
     pub ports: PortSet,
+}
+
+/// What a domain with restricted internet may still send to interfaces
+/// that are not domain bridges.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct EgressRules {
+    /// Its `egress` ports (empty with `internet: false`).
+    pub ports: PortSet,
+    /// What policies from the domain to a network open.
+    pub nets: BTreeMap<ipnet::IpNet, NetExceptions>,
 }
 
 /// Everything `render::host` needs, decided.
@@ -323,7 +333,10 @@ pub struct HostPlan {
     /// that network (outside the domains) into the bridge. Bridges absent
     /// here take no new connection from outside but Incus's published
     /// (DNAT) ones.
-    pub inbound: BTreeMap<IfName, BTreeMap<ipnet::IpNet, InboundExceptions>>,
+    pub inbound: BTreeMap<IfName, BTreeMap<ipnet::IpNet, NetExceptions>>,
+    /// Source bridge -> what it may send outside the domains, for domains
+    /// whose internet is restricted; absent bridges are unrestricted.
+    pub egress: BTreeMap<IfName, EgressRules>,
     pub gateway: GatewayServices,
     pub logging: Option<LogSettings>,
     pub conntrack: bool,
@@ -353,6 +366,8 @@ pub struct HostPlanInput<'a> {
     pub gateway: GatewayServices,
     pub logging: Option<LogSettings>,
     pub capabilities: Capabilities,
+    /// Per-domain internet settings (the `domains` option).
+    pub domain_settings: DomainSettings,
 }
 
 /// Non-fatal findings of planning, returned to the operator as warnings.
@@ -400,6 +415,7 @@ impl HostPlan {
             pairs: BTreeMap::new(),
             host: HostExceptions::default(),
             inbound: BTreeMap::new(),
+            egress: BTreeMap::new(),
             gateway: input.gateway,
             logging: None,
             conntrack: input.capabilities.conntrack,
@@ -421,6 +437,32 @@ impl HostPlan {
             }
         }
 
+        for (domain, internet) in &input.domain_settings.0 {
+            let Some(bridge) = plan
+                .domains
+                .iter()
+                .find(|(_, d)| *d == domain)
+                .map(|(b, _)| b.clone())
+            else {
+                bail!(
+                    "domains.{domain}: not a known domain ({})",
+                    plan.domains
+                        .values()
+                        .map(Name::as_str)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            };
+            let rules = match internet {
+                Internet::Open => continue,
+                Internet::Closed => EgressRules::default(),
+                Internet::Ports(ports) => EgressRules {
+                    ports: PortSet(ports.clone()),
+                    nets: BTreeMap::new(),
+                },
+            };
+            plan.egress.insert(bridge, rules);
+        }
         for policy in input.policies {
             let effect = plan.add_policy(policy);
             plan.policies.push(effect);
@@ -433,6 +475,12 @@ impl HostPlan {
         plan.host.normalize();
         for nets in plan.inbound.values_mut() {
             for e in nets.values_mut() {
+                e.ports.normalize();
+            }
+        }
+        for rules in plan.egress.values_mut() {
+            rules.ports.normalize();
+            for e in rules.nets.values_mut() {
                 e.ports.normalize();
             }
         }
@@ -483,9 +531,9 @@ impl HostPlan {
                  input traffic, not the host's own output): nothing to open"
                     .to_string(),
             ),
-            (_, crate::model::Endpoint::Network { .. }) if !policy.bidirectional => Some(
-                "domains reach networks outside the domains already (internet egress): nothing to \
-                 open"
+            (_, crate::model::Endpoint::Network { .. }) if elements == 0 => Some(
+                "the domain reaches networks outside the domains already (its internet is not \
+                 restricted): nothing to open"
                     .to_string(),
             ),
             (from, to) if from.bridge().is_some() && from.bridge() == to.bridge() => Some(
@@ -504,7 +552,17 @@ impl HostPlan {
     /// counted on the one pair or host entry it touches.
     fn add_flow(&mut self, flow: &Flow) -> usize {
         match (&flow.from, &flow.to) {
-            (End::Host, _) | (End::Bridge(_), End::Network(_)) => 0,
+            (End::Host, _) => 0,
+            (End::Bridge(src), End::Network(net)) => {
+                assert!(
+                    src.is_whole(),
+                    "machine-to-network is refused when resolved"
+                );
+                let Some(rules) = self.egress.get_mut(&src.bridge) else {
+                    return 0;
+                };
+                add_net(rules.nets.entry(*net).or_default(), &flow.traffic)
+            }
             (End::Network(_), End::Host | End::Network(_)) => {
                 unreachable!("refused when the policy is resolved")
             }
@@ -519,12 +577,7 @@ impl HostPlan {
                     .or_default()
                     .entry(*net)
                     .or_default();
-                let before = usize::from(e.all) + e.ports.len();
-                match &flow.traffic {
-                    Traffic::All => e.all = true,
-                    Traffic::Ports(p, spans) => e.ports.add(*p, spans),
-                }
-                usize::from(e.all) + e.ports.len() - before
+                add_net(e, &flow.traffic)
             }
             (End::Bridge(src), End::Host) => {
                 let before = self.host.size();
@@ -551,6 +604,16 @@ impl HostPlan {
     pub fn bridges(&self) -> impl Iterator<Item = &IfName> {
         self.domains.keys()
     }
+}
+
+/// Adds traffic to a network exception; returns how many elements it added.
+fn add_net(e: &mut NetExceptions, traffic: &Traffic) -> usize {
+    let before = usize::from(e.all) + e.ports.len();
+    match traffic {
+        Traffic::All => e.all = true,
+        Traffic::Ports(p, spans) => e.ports.add(*p, spans),
+    }
+    usize::from(e.all) + e.ports.len() - before
 }
 
 /// Two domain bridges on overlapping subnets make addresses ambiguous (a

@@ -12,6 +12,7 @@ use std::net::IpAddr;
 pub const DOMAIN_BRIDGES: &str = "domain_bridges";
 pub const PAIRS: &str = "pairs";
 pub const INBOUND: &str = "inbound";
+pub const EGRESS: &str = "egress";
 pub const GATEWAY_SERVICES: &str = "gateway_services";
 pub const HOST_OPEN: &str = "host_open";
 pub const HOST_SERVICES: &str = "host_services";
@@ -45,6 +46,11 @@ pub fn pair_chain_name(from: &IfName, to: &IfName) -> String {
     // Interface names never hold '/', and nft identifiers may: the name
     // cannot be read two ways.
     format!("pair/{from}/{to}")
+}
+
+/// The chain of what a domain with restricted internet may send outside.
+pub fn egress_chain_name(from: &IfName) -> String {
+    format!("egress/{from}")
 }
 
 /// The chain that logs and drops what a domain's bridge may not send.
@@ -131,6 +137,8 @@ pub enum Cond {
     CtDnat,
     /// In an inbound chain: a source network (`ip saddr 192.0.2.0/24`).
     SaddrNet(ipnet::IpNet),
+    /// In an egress chain: a destination network.
+    DaddrNet(ipnet::IpNet),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,6 +154,9 @@ pub enum Action {
     Jump(String),
     /// `iifname . oifname vmap @pairs`: accept, or jump to the pair's chain.
     PairsVmap,
+    /// `iifname vmap @egress`: a domain whose internet is restricted jumps
+    /// to its egress chain.
+    EgressVmap,
     /// `oifname vmap @inbound`: a bridge some policy opens to networks
     /// outside jumps to its inbound chain.
     InboundVmap,
@@ -201,7 +212,19 @@ impl HostPlan {
                 hook: None,
                 why: Some("What policies open from networks outside the domains into this bridge."),
                 pair: None,
-                rules: inbound_rules(nets),
+                rules: net_rules(nets, Cond::SaddrNet),
+            });
+        }
+        for (from, rules) in &self.egress {
+            chains.push(Chain {
+                name: egress_chain_name(from),
+                hook: None,
+                why: Some(
+                    "What this domain may send to interfaces that are not domain bridges (its \
+                     egress ports and policies to networks); the rest is dropped.",
+                ),
+                pair: None,
+                rules: self.egress_rules(rules),
             });
         }
         for ((from, to), pair) in &self.pairs {
@@ -232,6 +255,14 @@ impl HostPlan {
                 "Replies of connections that a rule below allowed, first: this is the one rule \
                  most packets take. Invalid packets go to their own chain, new ones go on.",
             ));
+        }
+        if !self.egress.is_empty() {
+            rules.push(
+                Rule::new(vec![Oif(IfSel::NotDomainish)], Action::EgressVmap).why(
+                    "Domains whose internet is restricted: one lookup on the source bridge sends \
+                     them to their egress chain; the others go on.",
+                ),
+            );
         }
         rules.push(
             Rule::new(vec![Oif(IfSel::NotDomainish)], Action::Accept).why(
@@ -312,6 +343,16 @@ impl HostPlan {
             Rule::new(vec![outside()], Action::Drop)
                 .why("Every other new connection from outside into a domain."),
         );
+        rules
+    }
+
+    fn egress_rules(&self, e: &super::EgressRules) -> Vec<Rule> {
+        let mut rules: Vec<Rule> = port_rules(&e.ports, vec![]).collect();
+        rules.extend(net_rules(&e.nets, Cond::DaddrNet));
+        if let Some(log) = self.log("DENY-EGRESS") {
+            rules.push(Rule::new(vec![], log));
+        }
+        rules.push(Rule::new(vec![], Action::Drop));
         rules
     }
 
@@ -422,17 +463,18 @@ impl HostPlan {
     }
 }
 
-/// The rules of an inbound chain: one plain rule per source network and
+/// The rules of an inbound or egress chain: one plain rule per network and
 /// port span (networks may overlap, which a set would refuse).
-fn inbound_rules(
-    nets: &std::collections::BTreeMap<ipnet::IpNet, super::InboundExceptions>,
+fn net_rules(
+    nets: &std::collections::BTreeMap<ipnet::IpNet, super::NetExceptions>,
+    cond: fn(ipnet::IpNet) -> Cond,
 ) -> Vec<Rule> {
     let mut rules = Vec::new();
     for (net, e) in nets {
         if e.all {
-            rules.push(Rule::new(vec![Cond::SaddrNet(*net)], Action::Accept));
+            rules.push(Rule::new(vec![cond(*net)], Action::Accept));
         } else {
-            rules.extend(port_rules(&e.ports, vec![Cond::SaddrNet(*net)]));
+            rules.extend(port_rules(&e.ports, vec![cond(*net)]));
         }
     }
     rules
@@ -541,9 +583,8 @@ impl Cond {
             Cond::Daddr(a) => format!("{} daddr {a}", ip_of(a)),
             Cond::Dport(p, span) => format!("{} dport {span}", p.as_str()),
             Cond::CtDnat => "ct status dnat".into(),
-            Cond::SaddrNet(net) => {
-                format!("{} saddr {net}", ip_of(&net.addr()))
-            }
+            Cond::SaddrNet(net) => format!("{} saddr {net}", ip_of(&net.addr())),
+            Cond::DaddrNet(net) => format!("{} daddr {net}", ip_of(&net.addr())),
         }
     }
 }
@@ -570,6 +611,7 @@ impl Action {
             Action::Jump(chain) => format!("jump {chain}"),
             Action::PairsVmap => format!("iifname . oifname vmap @{PAIRS}"),
             Action::InboundVmap => format!("oifname vmap @{INBOUND}"),
+            Action::EgressVmap => format!("iifname vmap @{EGRESS}"),
             Action::CtVmap => format!(
                 "ct state vmap {{ established : accept, related : accept, invalid : jump \
                  {INVALID_CHAIN} }}"

@@ -43,6 +43,18 @@ fn plan_with(
     machines: &[Machine],
     policies: Value,
 ) -> anyhow::Result<HostPlan> {
+    plan_with_settings(names, admin, machines, policies, json!({}))
+}
+
+/// A plan with the `domains` option as given.
+fn plan_with_settings(
+    names: &[&str],
+    admin: Option<&str>,
+    machines: &[Machine],
+    policies: Value,
+    domains: Value,
+) -> anyhow::Result<HostPlan> {
+    let domains: BTreeMap<String, Value> = serde_json::from_value(domains).unwrap();
     let bridges = bridges(names);
     let specs = PolicySpec::parse_all(policies.as_array().unwrap())?;
     let mut machines = machines.to_vec();
@@ -53,6 +65,7 @@ fn plan_with(
         .map(|s| world.resolve(s))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let (plan, _) = HostPlan::build(HostPlanInput {
+        domain_settings: DomainSettings::parse(&domains)?,
         table: TableName::new("anklume").unwrap(),
         pattern: BridgePattern::new("net-").unwrap(),
         bridges: &bridges,
@@ -274,7 +287,75 @@ fn a_network_policy_opens_inbound_to_its_domain_only() {
         );
     }
     // Domain -> network is egress, already open: the policy says so.
-    assert!(plan.policies[3].note.as_deref().unwrap().contains("egress"));
+    assert!(plan.policies[3]
+        .note
+        .as_deref()
+        .unwrap()
+        .contains("already"));
+}
+
+#[test]
+fn restricted_internet_keeps_only_its_ports_and_policies_to_networks() {
+    let plan = plan_with_settings(
+        &[ADMIN, PRO, PERSO],
+        None,
+        &[],
+        json!([
+            {"from": "pro", "to": "198.51.100.0/24", "ports": [8080]},
+            {"from": "perso", "to": "2001:db8::/64", "ports": "all"},
+            {"from": "anklume", "to": "198.51.100.0/24", "ports": [8080]}
+        ]),
+        json!({"pro": {"egress": [{"protocol": "udp", "port": 53}, {"protocol": "tcp", "port": "443-444"}]},
+               "perso": {"internet": false}}),
+    )
+    .unwrap();
+    let (pro, perso, anklume) = (v4("10.1.0.5"), v4("10.2.0.5"), v4("10.0.0.5"));
+    let up = v4("198.51.100.2");
+    let cases = [
+        (PRO, up, pro, L4::Tcp(443), Verdict::Accept),
+        (PRO, up, pro, L4::Udp(53), Verdict::Accept),
+        (PRO, up, pro, L4::Tcp(80), Verdict::Drop),
+        (PRO, up, pro, L4::Icmp, Verdict::Drop),
+        (PRO, up, pro, L4::Tcp(8080), Verdict::Accept),
+        (PRO, v4("192.0.2.1"), pro, L4::Tcp(8080), Verdict::Drop),
+        (PERSO, up, perso, L4::Tcp(443), Verdict::Drop),
+        (
+            PERSO,
+            v6("2001:db8::1"),
+            v6("fd00:2::5"),
+            L4::Tcp(22),
+            Verdict::Accept,
+        ),
+        (ADMIN, up, anklume, L4::Tcp(80), Verdict::Accept),
+    ];
+    for (iif, dst, src, l4, want) in cases {
+        assert_eq!(
+            plan.forward_verdict(&fwd(iif, "eth0", src, dst, l4)),
+            want,
+            "{iif} {src} -> {dst} {l4:?}"
+        );
+    }
+    // Between domains and from outside nothing changes; replies still pass.
+    assert_eq!(
+        plan.forward_verdict(&fwd(PERSO, PERSO, perso, perso, L4::Tcp(80))),
+        Verdict::Accept
+    );
+    let reply = Forwarded {
+        ct: CtState::Established,
+        ..fwd(PERSO, "eth0", perso, up, L4::Tcp(80))
+    };
+    assert_eq!(plan.forward_verdict(&reply), Verdict::Accept);
+    // A policy to a network from an unrestricted domain opens nothing.
+    assert!(plan.policies[2].note.is_some() && plan.policies[0].note.is_none());
+    let err = plan_with_settings(
+        &[PRO],
+        None,
+        &[],
+        json!([]),
+        json!({"ai": {"internet": false}}),
+    )
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("domains.ai: not a known domain"));
 }
 
 #[test]
@@ -432,6 +513,7 @@ fn host_policies_open_the_host_input_exactly() {
 fn gateway_services_are_the_operators_list() {
     let bridges = bridges(&[PRO]);
     let (plan, _) = HostPlan::build(HostPlanInput {
+        domain_settings: Default::default(),
         table: TableName::new("anklume").unwrap(),
         pattern: BridgePattern::new("net-").unwrap(),
         bridges: &bridges,
@@ -536,6 +618,7 @@ fn overlapping_subnets_are_refused() {
     let mut b = bridges(&[PRO, PERSO]);
     b[1].ipv4 = Some("10.0.0.128/25".parse().unwrap());
     let err = HostPlan::build(HostPlanInput {
+        domain_settings: Default::default(),
         table: TableName::new("anklume").unwrap(),
         pattern: BridgePattern::new("net-").unwrap(),
         bridges: &b,
@@ -553,6 +636,7 @@ fn overlapping_subnets_are_refused() {
 fn missing_log_support_drops_logging_with_a_warning() {
     let b = bridges(&[PRO]);
     let (plan, warnings) = HostPlan::build(HostPlanInput {
+        domain_settings: Default::default(),
         table: TableName::new("anklume").unwrap(),
         pattern: BridgePattern::new("net-").unwrap(),
         bridges: &b,
@@ -653,10 +737,30 @@ mod properties {
         policies: &[ResolvedPolicy],
         admin: Option<&str>,
         known: &[&str],
+        settings: &BTreeMap<String, Internet>,
         p: &Forwarded<'_>,
     ) -> Verdict {
         let known_if = |i: &str| known.contains(&i);
         let domainish = |i: &str| i.starts_with("net-");
+        if known_if(p.iif) && !domainish(p.oif) {
+            // Egress: as the domain's internet setting says, plus policies
+            // from the domain to a network when it is restricted.
+            let by_setting = match settings.get(p.iif) {
+                None | Some(Internet::Open) => return Verdict::Accept,
+                Some(Internet::Closed) => false,
+                Some(Internet::Ports(ports)) => ports.iter().any(|(proto, span)| {
+                    matches!((proto, p.l4), (Protocol::Tcp, L4::Tcp(x)) | (Protocol::Udp, L4::Udp(x)) if span.contains(x))
+                }),
+            };
+            return verdict(
+                by_setting
+                    || some_policy(policies, |from, to, traffic| {
+                        matches!(to, Endpoint::Network { cidr } if cidr.contains(&p.dst))
+                            && matches!(from, Endpoint::Domain { bridge, .. } if bridge.as_str() == p.iif)
+                            && traffic_matches(traffic, p.l4)
+                    }),
+            );
+        }
         if !domainish(p.iif) && domainish(p.oif) {
             // Inbound: published by Incus (DNAT), or opened by a policy
             // from a network into the destination's domain.
@@ -805,7 +909,39 @@ mod properties {
             policies.push(entry);
         }
         let admin = rng.chance(30).then(|| name_refs[0]);
-        let plan = match plan_with(&name_refs, admin, &machines, json!(policies.clone())) {
+        // Internet settings: some domains closed, some on a few ports.
+        let mut settings_json = serde_json::Map::new();
+        let mut settings: BTreeMap<String, Internet> = BTreeMap::new();
+        for (i, bridge) in names.iter().enumerate() {
+            match rng.below(4) {
+                0 => {
+                    settings_json.insert(format!("d{i}"), json!({"internet": false}));
+                    settings.insert(bridge.clone(), Internet::Closed);
+                }
+                1 => {
+                    let port = 1 + rng.below(40) as u16 * 10;
+                    let proto = if rng.chance(50) {
+                        Protocol::Tcp
+                    } else {
+                        Protocol::Udp
+                    };
+                    settings_json.insert(
+                        format!("d{i}"),
+                        json!({"egress": [{"protocol": proto.as_str(), "port": port}]}),
+                    );
+                    let span = PortSpan::single(port).unwrap();
+                    settings.insert(bridge.clone(), Internet::Ports([(proto, span)].into()));
+                }
+                _ => {}
+            }
+        }
+        let plan = match plan_with_settings(
+            &name_refs,
+            admin,
+            &machines,
+            json!(policies.clone()),
+            Value::Object(settings_json),
+        ) {
             Ok(plan) => plan,
             Err(err) => {
                 // The only refusals a generated world may meet: contradicting
@@ -884,8 +1020,9 @@ mod properties {
                                 ct,
                                 ..fwd("uplink0", oif, *src, *dst, l4)
                             };
-                            let want =
-                                oracle_forward(&truth, &resolved, admin, &name_refs, &packet);
+                            let want = oracle_forward(
+                                &truth, &resolved, admin, &name_refs, &settings, &packet,
+                            );
                             assert_eq!(
                                 eval.forward(&packet),
                                 want,
@@ -893,6 +1030,22 @@ mod properties {
                             );
                         }
                     }
+                }
+            }
+        }
+        // Egress: from each domain's own addresses to outside addresses.
+        for src in &addrs {
+            let iif = &names[bridge_of(src)];
+            for dst in outside.iter().filter(|d| d.is_ipv4() == src.is_ipv4()) {
+                for l4 in l4s {
+                    let packet = fwd(iif, "uplink0", *src, *dst, l4);
+                    let want =
+                        oracle_forward(&truth, &resolved, admin, &name_refs, &settings, &packet);
+                    assert_eq!(
+                        eval.forward(&packet),
+                        want,
+                        "seed {seed}: {packet:?}\npolicies {policies:#?}\nsettings {settings:?}"
+                    );
                 }
             }
         }
@@ -906,8 +1059,9 @@ mod properties {
                     for oif in &names {
                         for l4 in l4s {
                             let packet = fwd(iif, oif, *src, *dst, l4);
-                            let want =
-                                oracle_forward(&truth, &resolved, admin, &name_refs, &packet);
+                            let want = oracle_forward(
+                                &truth, &resolved, admin, &name_refs, &settings, &packet,
+                            );
                             assert_eq!(
                                 eval.forward(&packet),
                                 want,

@@ -6,9 +6,9 @@
 
 use crate::model::IfName;
 use crate::plan::rules::{
-    inbound_chain_name, pair_chain_name, Chain, DENY_LOG, DOMAIN_BRIDGES, GATEWAY_SERVICES,
-    HOST_DENY_LOG, HOST_OPEN, HOST_OPEN_V4, HOST_OPEN_V6, HOST_SERVICES, HOST_SERVICES_V4,
-    HOST_SERVICES_V6, INBOUND, LOG_BUDGET, PAIRS,
+    egress_chain_name, inbound_chain_name, pair_chain_name, Chain, DENY_LOG, DOMAIN_BRIDGES,
+    EGRESS, GATEWAY_SERVICES, HOST_DENY_LOG, HOST_OPEN, HOST_OPEN_V4, HOST_OPEN_V6, HOST_SERVICES,
+    HOST_SERVICES_V4, HOST_SERVICES_V6, INBOUND, LOG_BUDGET, PAIRS,
 };
 use crate::plan::{HostAddrExceptions, HostPlan, PortSet};
 use anyhow::Context;
@@ -258,6 +258,21 @@ fn maps(plan: &HostPlan) -> Vec<MapView> {
             })
             .collect(),
     }];
+    if !plan.egress.is_empty() {
+        maps.push(MapView {
+            name: EGRESS,
+            why: wrap(
+                "Domains whose internet is restricted -> the chain of what they may still send \
+                 outside the domains.",
+            ),
+            type_: "ifname : verdict",
+            elements: plan
+                .egress
+                .keys()
+                .map(|b| format!("{} : jump {}", quoted(b), egress_chain_name(b)))
+                .collect(),
+        });
+    }
     if !plan.inbound.is_empty() {
         maps.push(MapView {
             name: INBOUND,
