@@ -58,6 +58,7 @@ fn render_ruleset(bridges: &[DomainBridge], specs: &[PolicySpec]) -> String {
     let world = World::new(bridges, &[]);
     let resolved = specs.iter().map(|s| world.resolve(s).unwrap()).collect();
     let (plan, _) = HostPlan::build(HostPlanInput {
+        protected_networks: Vec::new(),
         domain_settings: Default::default(),
         table: TableName::new("anklume_bench").unwrap(),
         pattern: BridgePattern::new("net-").unwrap(),

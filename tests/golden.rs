@@ -10,8 +10,8 @@
 
 use anklume_isolation::model::logging::RawLogging;
 use anklume_isolation::model::{
-    BridgePattern, DomainBridge, DomainSettings, GatewayServices, IfName, LogSettings, Machine,
-    Name, PolicySpec, TableName, World,
+    parse_protected_networks, BridgePattern, DomainBridge, DomainSettings, GatewayServices, IfName,
+    LogSettings, Machine, Name, PolicySpec, TableName, World,
 };
 use anklume_isolation::plan::{Capabilities, HostPlan, HostPlanInput};
 use anklume_isolation::render;
@@ -29,6 +29,7 @@ struct Case {
     capabilities: Capabilities,
     /// The `domains` option.
     domains: Value,
+    protected: &'static [&'static str],
 }
 
 impl Case {
@@ -42,6 +43,7 @@ impl Case {
             logging: false,
             capabilities: Capabilities::ALL,
             domains: json!({}),
+            protected: &[],
         }
     }
 }
@@ -73,6 +75,7 @@ fn render_case(case: &Case) -> String {
     })
     .unwrap();
     let (plan, _) = HostPlan::build(HostPlanInput {
+        protected_networks: parse_protected_networks(case.protected).unwrap(),
         domain_settings: DomainSettings::parse(
             &serde_json::from_value(case.domains.clone()).unwrap(),
         )
@@ -181,6 +184,24 @@ fn cases() -> Vec<Case> {
                 {"from": "anklume", "to": "192.0.2.0/24", "ports": [22]}
             ]),
             ..Case::new("egress")
+        },
+        // Protected networks: overlapping entries aggregated (nft refuses
+        // overlapping interval elements), both families, one opened by a
+        // policy, with a restricted domain beside them.
+        Case {
+            logging: true,
+            protected: &[
+                "198.18.0.0/24",
+                "198.18.0.0/25",
+                "198.18.1.0/24",
+                "2001:db8:252::/64",
+            ],
+            domains: json!({"perso": {"internet": false}}),
+            policies: json!([
+                {"from": "pro", "to": "198.18.0.10/32", "ports": [22]},
+                {"from": "perso", "to": "2001:db8:252::/64", "ports": "all"}
+            ]),
+            ..Case::new("protected")
         },
         Case {
             logging: true,
@@ -359,6 +380,7 @@ fn fuzzed_policies_render_what_nft_accepts_or_are_refused_naming_the_entry() {
                 .map(|s| world.resolve(s))
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let (plan, _) = HostPlan::build(HostPlanInput {
+                protected_networks: Vec::new(),
                 domain_settings: Default::default(),
                 table: TableName::new(&format!("fuzz{case}")).unwrap(),
                 pattern: pattern.clone(),

@@ -5,8 +5,8 @@
 
 use anklume_isolation::model::logging::RawLogging;
 use anklume_isolation::model::{
-    confine_to_bridges, BridgePattern, DomainBridge, DomainSettings, EndpointRef, GatewayServices,
-    IfName, LogSettings, PolicySpec, TableName, World,
+    confine_to_bridges, parse_protected_networks, BridgePattern, DomainBridge, DomainSettings,
+    EndpointRef, GatewayServices, IfName, LogSettings, PolicySpec, TableName, World,
 };
 use anklume_isolation::module::{self, Diff, Invocation, ModuleOptions, Outcome};
 use anklume_isolation::plan::{Capabilities, HostPlan, HostPlanInput};
@@ -39,6 +39,7 @@ struct Options {
     project: Option<String>,
     gateway_services: Option<Vec<String>>,
     domains: Option<BTreeMap<String, Value>>,
+    protected_networks: Option<Vec<String>>,
 }
 
 impl ModuleOptions for Options {
@@ -55,6 +56,7 @@ impl ModuleOptions for Options {
         "project",
         "gateway_services",
         "domains",
+        "protected_networks",
     ];
 }
 
@@ -115,6 +117,9 @@ fn render_module(inv: &Invocation<Options>) -> anyhow::Result<Outcome> {
     };
     let domain_settings = DomainSettings::parse(&opts.domains.clone().unwrap_or_default())
         .context("option `domains`")?;
+    let protected_networks =
+        parse_protected_networks(opts.protected_networks.as_deref().unwrap_or_default())
+            .context("option `protected_networks`")?;
 
     // Discover: the bridges, and the machines only when a policy names one.
     let incus = || Incus::find();
@@ -170,6 +175,7 @@ fn render_module(inv: &Invocation<Options>) -> anyhow::Result<Outcome> {
         .flat_map(|p| p.warnings.iter().cloned())
         .collect();
     let (plan, plan_warnings) = HostPlan::build(HostPlanInput {
+        protected_networks,
         domain_settings,
         table,
         pattern,

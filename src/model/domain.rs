@@ -98,6 +98,26 @@ impl DomainSettings {
     }
 }
 
+/// Parses the `protected_networks` option: CIDRs, IPv4 or IPv6, without
+/// bits set after the prefix (which would read two ways).
+pub fn parse_protected_networks<S: AsRef<str>>(entries: &[S]) -> anyhow::Result<Vec<ipnet::IpNet>> {
+    entries
+        .iter()
+        .map(|e| {
+            let text = e.as_ref();
+            let net: ipnet::IpNet = text.parse().map_err(|_| {
+                anyhow::anyhow!("{text:?} is not a CIDR (write 192.168.1.0/24 or fd00:1::/64)")
+            })?;
+            ensure!(
+                net.trunc() == net,
+                "{text:?} has bits set after its prefix length: write {}",
+                net.trunc()
+            );
+            Ok(net)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,7 +10,7 @@ pub mod names;
 pub mod policy;
 
 pub use bridge::{domain_of, DomainBridge};
-pub use domain::{DomainSettings, Internet};
+pub use domain::{parse_protected_networks, DomainSettings, Internet};
 pub use endpoint::{confine_to_bridges, Endpoint, Machine, ResolvedPolicy, World};
 pub use gateway::GatewayServices;
 pub use logging::LogSettings;

@@ -198,6 +198,12 @@ fn run(plan: &HostPlan, chains: &[Chain], name: &str, p: &Packet<'_>) -> Option<
                     Some(((i, o), _)) => run(plan, chains, &super::rules::pair_chain_name(i, o), p),
                 }
             }
+            Action::ProtectedOpenVmap => {
+                match plan.protected_open.keys().find(|b| b.as_str() == p.iif) {
+                    None => None,
+                    Some(b) => run(plan, chains, &super::rules::protected_chain_name(b), p),
+                }
+            }
             Action::EgressVmap => match plan.egress.keys().find(|b| b.as_str() == p.iif) {
                 None => None,
                 Some(b) => run(plan, chains, &super::rules::egress_chain_name(b), p),
@@ -257,6 +263,11 @@ fn holds(plan: &HostPlan, c: &Cond, p: &Packet<'_>) -> bool {
         Cond::CtDnat => p.ct == CtState::NewDnat,
         Cond::SaddrNet(net) => net.contains(&p.src),
         Cond::DaddrNet(net) => p.dst.is_some_and(|d| net.contains(&d)),
+        Cond::DaddrProtected(_) => match p.dst {
+            Some(IpAddr::V4(d)) => plan.protected_v4.iter().any(|n| n.contains(&d)),
+            Some(IpAddr::V6(d)) => plan.protected_v6.iter().any(|n| n.contains(&d)),
+            None => false,
+        },
     }
 }
 

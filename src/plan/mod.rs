@@ -334,6 +334,13 @@ pub struct HostPlan {
     /// here take no new connection from outside but Incus's published
     /// (DNAT) ones.
     pub inbound: BTreeMap<IfName, BTreeMap<ipnet::IpNet, NetExceptions>>,
+    /// Networks no domain reaches outside the domains (aggregated: nft
+    /// refuses overlapping interval elements), by family.
+    pub protected_v4: Vec<ipnet::Ipv4Net>,
+    pub protected_v6: Vec<ipnet::Ipv6Net>,
+    /// Source bridge -> networks policies open from it; only used towards
+    /// protected networks (and restricted egress keeps its own copy).
+    pub protected_open: BTreeMap<IfName, BTreeMap<ipnet::IpNet, NetExceptions>>,
     /// Source bridge -> what it may send outside the domains, for domains
     /// whose internet is restricted; absent bridges are unrestricted.
     pub egress: BTreeMap<IfName, EgressRules>,
@@ -368,6 +375,8 @@ pub struct HostPlanInput<'a> {
     pub capabilities: Capabilities,
     /// Per-domain internet settings (the `domains` option).
     pub domain_settings: DomainSettings,
+    /// The `protected_networks` option.
+    pub protected_networks: Vec<ipnet::IpNet>,
 }
 
 /// Non-fatal findings of planning, returned to the operator as warnings.
@@ -416,6 +425,27 @@ impl HostPlan {
             host: HostExceptions::default(),
             inbound: BTreeMap::new(),
             egress: BTreeMap::new(),
+            protected_v4: ipnet::Ipv4Net::aggregate(
+                &input
+                    .protected_networks
+                    .iter()
+                    .filter_map(|n| match n {
+                        ipnet::IpNet::V4(n) => Some(*n),
+                        ipnet::IpNet::V6(_) => None,
+                    })
+                    .collect(),
+            ),
+            protected_v6: ipnet::Ipv6Net::aggregate(
+                &input
+                    .protected_networks
+                    .iter()
+                    .filter_map(|n| match n {
+                        ipnet::IpNet::V6(n) => Some(*n),
+                        ipnet::IpNet::V4(_) => None,
+                    })
+                    .collect(),
+            ),
+            protected_open: BTreeMap::new(),
             gateway: input.gateway,
             logging: None,
             conntrack: input.capabilities.conntrack,
@@ -437,6 +467,27 @@ impl HostPlan {
             }
         }
 
+        for net in &input.protected_networks {
+            for b in input.bridges {
+                let overlaps = match net {
+                    ipnet::IpNet::V4(n) => b.ipv4.is_some_and(|s| {
+                        n.contains(&s.network()) || s.trunc().contains(&n.network())
+                    }),
+                    ipnet::IpNet::V6(n) => b.ipv6.is_some_and(|s| {
+                        n.contains(&s.network()) || s.trunc().contains(&n.network())
+                    }),
+                };
+                if overlaps {
+                    warnings.push(format!(
+                        "protected network {net} overlaps the subnet of domain {} ({}): it is \
+                         only enforced on traffic leaving the domains (isolation between domains \
+                         already covers the domain's own bridge)",
+                        b.domain.as_str(),
+                        b.bridge
+                    ));
+                }
+            }
+        }
         for (domain, internet) in &input.domain_settings.0 {
             let Some(bridge) = plan
                 .domains
@@ -474,6 +525,11 @@ impl HostPlan {
         }
         plan.host.normalize();
         for nets in plan.inbound.values_mut() {
+            for e in nets.values_mut() {
+                e.ports.normalize();
+            }
+        }
+        for nets in plan.protected_open.values_mut() {
             for e in nets.values_mut() {
                 e.ports.normalize();
             }
@@ -532,8 +588,8 @@ impl HostPlan {
                     .to_string(),
             ),
             (_, crate::model::Endpoint::Network { .. }) if elements == 0 => Some(
-                "the domain reaches networks outside the domains already (its internet is not \
-                 restricted): nothing to open"
+                "the domain reaches this network already (its internet is not restricted and no \
+                 protected network overlaps it): nothing to open"
                     .to_string(),
             ),
             (from, to) if from.bridge().is_some() && from.bridge() == to.bridge() => Some(
@@ -558,10 +614,30 @@ impl HostPlan {
                     src.is_whole(),
                     "machine-to-network is refused when resolved"
                 );
-                let Some(rules) = self.egress.get_mut(&src.bridge) else {
-                    return 0;
+                let protected = match net {
+                    ipnet::IpNet::V4(n) => self
+                        .protected_v4
+                        .iter()
+                        .any(|p| p.contains(n) || n.contains(p)),
+                    ipnet::IpNet::V6(n) => self
+                        .protected_v6
+                        .iter()
+                        .any(|p| p.contains(n) || n.contains(p)),
                 };
-                add_net(rules.nets.entry(*net).or_default(), &flow.traffic)
+                let mut added = 0;
+                if protected {
+                    let e = self
+                        .protected_open
+                        .entry(src.bridge.clone())
+                        .or_default()
+                        .entry(*net)
+                        .or_default();
+                    added += add_net(e, &flow.traffic);
+                }
+                if let Some(rules) = self.egress.get_mut(&src.bridge) {
+                    added += add_net(rules.nets.entry(*net).or_default(), &flow.traffic);
+                }
+                added
             }
             (End::Network(_), End::Host | End::Network(_)) => {
                 unreachable!("refused when the policy is resolved")

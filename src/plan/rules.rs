@@ -13,6 +13,9 @@ pub const DOMAIN_BRIDGES: &str = "domain_bridges";
 pub const PAIRS: &str = "pairs";
 pub const INBOUND: &str = "inbound";
 pub const EGRESS: &str = "egress";
+pub const PROTECTED_V4: &str = "protected_v4";
+pub const PROTECTED_V6: &str = "protected_v6";
+pub const PROTECTED_OPEN: &str = "protected_open";
 pub const GATEWAY_SERVICES: &str = "gateway_services";
 pub const HOST_OPEN: &str = "host_open";
 pub const HOST_SERVICES: &str = "host_services";
@@ -28,6 +31,7 @@ pub const LOG_BUDGET: &str = "log_budget";
 pub const FORWARD_CHAIN: &str = "isolation";
 pub const INPUT_CHAIN: &str = "host_input";
 pub const INVALID_CHAIN: &str = "invalid";
+pub const PROTECTED_CHAIN: &str = "protected";
 /// Before Incus's own chains (priority 0).
 pub const PRIORITY: i32 = -1;
 
@@ -46,6 +50,11 @@ pub fn pair_chain_name(from: &IfName, to: &IfName) -> String {
     // Interface names never hold '/', and nft identifiers may: the name
     // cannot be read two ways.
     format!("pair/{from}/{to}")
+}
+
+/// The chain of what policies open from a bridge towards protected networks.
+pub fn protected_chain_name(from: &IfName) -> String {
+    format!("protected/{from}")
 }
 
 /// The chain of what a domain with restricted internet may send outside.
@@ -139,6 +148,8 @@ pub enum Cond {
     SaddrNet(ipnet::IpNet),
     /// In an egress chain: a destination network.
     DaddrNet(ipnet::IpNet),
+    /// `ip daddr @protected_v4`, `ip6 daddr @protected_v6`.
+    DaddrProtected(Family),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -154,6 +165,9 @@ pub enum Action {
     Jump(String),
     /// `iifname . oifname vmap @pairs`: accept, or jump to the pair's chain.
     PairsVmap,
+    /// `iifname vmap @protected_open`: a bridge that policies open towards
+    /// networks jumps to its chain of them.
+    ProtectedOpenVmap,
     /// `iifname vmap @egress`: a domain whose internet is restricted jumps
     /// to its egress chain.
     EgressVmap,
@@ -206,6 +220,20 @@ impl HostPlan {
         if self.conntrack {
             chains.push(self.invalid_chain());
         }
+        if self.has_protected() {
+            chains.push(self.protected_chain());
+            for (from, nets) in &self.protected_open {
+                chains.push(Chain {
+                    name: protected_chain_name(from),
+                    hook: None,
+                    why: Some(
+                        "What policies open from this bridge to networks that are protected.",
+                    ),
+                    pair: None,
+                    rules: net_rules(nets, Cond::DaddrNet),
+                });
+            }
+        }
         for (to, nets) in &self.inbound {
             chains.push(Chain {
                 name: inbound_chain_name(to),
@@ -255,6 +283,28 @@ impl HostPlan {
                 "Replies of connections that a rule below allowed, first: this is the one rule \
                  most packets take. Invalid packets go to their own chain, new ones go on.",
             ));
+        }
+        for (family, used) in [
+            (Family::V4, !self.protected_v4.is_empty()),
+            (Family::V6, !self.protected_v6.is_empty()),
+        ] {
+            if used {
+                rules.push(
+                    Rule::new(
+                        vec![
+                            Oif(IfSel::NotDomainish),
+                            Iif(IfSel::Known),
+                            DaddrProtected(family),
+                        ],
+                        Action::Jump(PROTECTED_CHAIN.into()),
+                    )
+                    .why(
+                        "Protected networks (the LAN, management, cluster networks): no domain \
+                         reaches them outside the domains, whatever its internet setting, except \
+                         through a policy. One interval lookup per new egress packet.",
+                    ),
+                );
+            }
         }
         if !self.egress.is_empty() {
             rules.push(
@@ -344,6 +394,31 @@ impl HostPlan {
                 .why("Every other new connection from outside into a domain."),
         );
         rules
+    }
+
+    pub fn has_protected(&self) -> bool {
+        !(self.protected_v4.is_empty() && self.protected_v6.is_empty())
+    }
+
+    fn protected_chain(&self) -> Chain {
+        let mut rules = Vec::new();
+        if !self.protected_open.is_empty() {
+            rules.push(Rule::new(vec![], Action::ProtectedOpenVmap));
+        }
+        if let Some(log) = self.log("DENY-PROTECTED") {
+            rules.push(Rule::new(vec![], log));
+        }
+        rules.push(Rule::new(vec![], Action::Drop));
+        Chain {
+            name: PROTECTED_CHAIN.into(),
+            hook: None,
+            why: Some(
+                "A domain's packet to a protected network: what a policy from its domain opens, \
+                 then dropped.",
+            ),
+            pair: None,
+            rules,
+        }
     }
 
     fn egress_rules(&self, e: &super::EgressRules) -> Vec<Rule> {
@@ -585,6 +660,8 @@ impl Cond {
             Cond::CtDnat => "ct status dnat".into(),
             Cond::SaddrNet(net) => format!("{} saddr {net}", ip_of(&net.addr())),
             Cond::DaddrNet(net) => format!("{} daddr {net}", ip_of(&net.addr())),
+            Cond::DaddrProtected(Family::V4) => format!("ip daddr @{PROTECTED_V4}"),
+            Cond::DaddrProtected(Family::V6) => format!("ip6 daddr @{PROTECTED_V6}"),
         }
     }
 }
@@ -612,6 +689,7 @@ impl Action {
             Action::PairsVmap => format!("iifname . oifname vmap @{PAIRS}"),
             Action::InboundVmap => format!("oifname vmap @{INBOUND}"),
             Action::EgressVmap => format!("iifname vmap @{EGRESS}"),
+            Action::ProtectedOpenVmap => format!("iifname vmap @{PROTECTED_OPEN}"),
             Action::CtVmap => format!(
                 "ct state vmap {{ established : accept, related : accept, invalid : jump \
                  {INVALID_CHAIN} }}"

@@ -54,6 +54,19 @@ fn plan_with_settings(
     policies: Value,
     domains: Value,
 ) -> anyhow::Result<HostPlan> {
+    plan_with_edges(names, admin, machines, policies, domains, &[]).map(|(plan, _)| plan)
+}
+
+/// A plan with the `domains` and `protected_networks` options, and its
+/// warnings.
+fn plan_with_edges(
+    names: &[&str],
+    admin: Option<&str>,
+    machines: &[Machine],
+    policies: Value,
+    domains: Value,
+    protected: &[&str],
+) -> anyhow::Result<(HostPlan, Warnings)> {
     let domains: BTreeMap<String, Value> = serde_json::from_value(domains).unwrap();
     let bridges = bridges(names);
     let specs = PolicySpec::parse_all(policies.as_array().unwrap())?;
@@ -64,7 +77,8 @@ fn plan_with_settings(
         .iter()
         .map(|s| world.resolve(s))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let (plan, _) = HostPlan::build(HostPlanInput {
+    HostPlan::build(HostPlanInput {
+        protected_networks: crate::model::parse_protected_networks(protected)?,
         domain_settings: DomainSettings::parse(&domains)?,
         table: TableName::new("anklume").unwrap(),
         pattern: BridgePattern::new("net-").unwrap(),
@@ -74,8 +88,7 @@ fn plan_with_settings(
         gateway: GatewayServices::defaults(),
         logging: None,
         capabilities: Capabilities::ALL,
-    })?;
-    Ok(plan)
+    })
 }
 
 fn v4(a: &str) -> IpAddr {
@@ -359,6 +372,81 @@ fn restricted_internet_keeps_only_its_ports_and_policies_to_networks() {
 }
 
 #[test]
+fn protected_networks_are_closed_to_every_domain_but_through_a_policy() {
+    let (plan, warnings) = plan_with_edges(
+        &[ADMIN, PRO, PERSO],
+        Some(ADMIN),
+        &[],
+        json!([
+            {"from": "pro", "to": "198.18.0.10/32", "ports": [22]},
+            {"from": "perso", "to": "0.0.0.0/0", "ports": [443]}
+        ]),
+        json!({}),
+        &[
+            "198.18.0.0/24",
+            "198.18.0.0/25",
+            "2001:db8:252::/64",
+            "10.2.0.0/16",
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        plan.protected_v4.len(),
+        2,
+        "aggregated: {:?}",
+        plan.protected_v4
+    );
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("10.2.0.0/16") && w.contains("perso")),
+        "{warnings:?}"
+    );
+    let (pro, perso, anklume) = (v4("10.1.0.5"), v4("10.2.0.5"), v4("10.0.0.5"));
+    let lan = v4("198.18.0.10");
+    let cases = [
+        (PRO, pro, lan, L4::Tcp(22), Verdict::Accept),
+        (PRO, pro, lan, L4::Tcp(23), Verdict::Drop),
+        (PRO, pro, v4("198.18.0.11"), L4::Tcp(22), Verdict::Drop),
+        (PRO, pro, v4("198.51.100.2"), L4::Tcp(23), Verdict::Accept),
+        (ADMIN, anklume, lan, L4::Tcp(22), Verdict::Drop),
+        (PERSO, perso, lan, L4::Tcp(443), Verdict::Accept),
+        (PERSO, perso, lan, L4::Icmp, Verdict::Drop),
+        (
+            PRO,
+            v6("fd00:1::5"),
+            v6("2001:db8:252::2"),
+            L4::Icmp,
+            Verdict::Drop,
+        ),
+        (
+            PRO,
+            v6("fd00:1::5"),
+            v6("2001:db8:251::2"),
+            L4::Icmp,
+            Verdict::Accept,
+        ),
+    ];
+    for (iif, src, dst, l4, want) in cases {
+        assert_eq!(
+            plan.forward_verdict(&fwd(iif, "eth0", src, dst, l4)),
+            want,
+            "{iif} {src} -> {dst} {l4:?}"
+        );
+    }
+    // A protected network over a domain's subnet never cuts that domain's
+    // own traffic nor changes isolation between domains.
+    assert_eq!(
+        plan.forward_verdict(&fwd(PERSO, PERSO, perso, perso, L4::Tcp(80))),
+        Verdict::Accept
+    );
+    assert_eq!(
+        plan.forward_verdict(&fwd(ADMIN, PERSO, anklume, perso, L4::Tcp(80))),
+        Verdict::Accept
+    );
+}
+
+#[test]
 fn network_ends_are_refused_where_they_would_be_misread() {
     let m = machine("nas", PERSO, &["10.2.0.10"], &[]);
     for (from, to, says) in [
@@ -513,6 +601,7 @@ fn host_policies_open_the_host_input_exactly() {
 fn gateway_services_are_the_operators_list() {
     let bridges = bridges(&[PRO]);
     let (plan, _) = HostPlan::build(HostPlanInput {
+        protected_networks: Vec::new(),
         domain_settings: Default::default(),
         table: TableName::new("anklume").unwrap(),
         pattern: BridgePattern::new("net-").unwrap(),
@@ -618,6 +707,7 @@ fn overlapping_subnets_are_refused() {
     let mut b = bridges(&[PRO, PERSO]);
     b[1].ipv4 = Some("10.0.0.128/25".parse().unwrap());
     let err = HostPlan::build(HostPlanInput {
+        protected_networks: Vec::new(),
         domain_settings: Default::default(),
         table: TableName::new("anklume").unwrap(),
         pattern: BridgePattern::new("net-").unwrap(),
@@ -636,6 +726,7 @@ fn overlapping_subnets_are_refused() {
 fn missing_log_support_drops_logging_with_a_warning() {
     let b = bridges(&[PRO]);
     let (plan, warnings) = HostPlan::build(HostPlanInput {
+        protected_networks: Vec::new(),
         domain_settings: Default::default(),
         table: TableName::new("anklume").unwrap(),
         pattern: BridgePattern::new("net-").unwrap(),
@@ -738,10 +829,20 @@ mod properties {
         admin: Option<&str>,
         known: &[&str],
         settings: &BTreeMap<String, Internet>,
+        protected: &[ipnet::IpNet],
         p: &Forwarded<'_>,
     ) -> Verdict {
         let known_if = |i: &str| known.contains(&i);
         let domainish = |i: &str| i.starts_with("net-");
+        let to_network = |from: &Endpoint, to: &Endpoint, traffic: &Traffic| {
+            matches!(to, Endpoint::Network { cidr } if cidr.contains(&p.dst))
+                && matches!(from, Endpoint::Domain { bridge, .. } if bridge.as_str() == p.iif)
+                && traffic_matches(traffic, p.l4)
+        };
+        if known_if(p.iif) && !domainish(p.oif) && protected.iter().any(|n| n.contains(&p.dst)) {
+            // Protected: only a policy from the domain to a network opens it.
+            return verdict(some_policy(policies, to_network));
+        }
         if known_if(p.iif) && !domainish(p.oif) {
             // Egress: as the domain's internet setting says, plus policies
             // from the domain to a network when it is restricted.
@@ -752,14 +853,7 @@ mod properties {
                     matches!((proto, p.l4), (Protocol::Tcp, L4::Tcp(x)) | (Protocol::Udp, L4::Udp(x)) if span.contains(x))
                 }),
             };
-            return verdict(
-                by_setting
-                    || some_policy(policies, |from, to, traffic| {
-                        matches!(to, Endpoint::Network { cidr } if cidr.contains(&p.dst))
-                            && matches!(from, Endpoint::Domain { bridge, .. } if bridge.as_str() == p.iif)
-                            && traffic_matches(traffic, p.l4)
-                    }),
-            );
+            return verdict(by_setting || some_policy(policies, to_network));
         }
         if !domainish(p.iif) && domainish(p.oif) {
             // Inbound: published by Incus (DNAT), or opened by a policy
@@ -879,6 +973,8 @@ mod properties {
         // domains.
         let networks = [
             "192.0.2.0/24",
+            "198.18.0.0/24",
+            "198.18.0.7/32",
             "192.0.2.7/32",
             "2001:db8::/64",
             "10.0.0.0/8",
@@ -935,14 +1031,22 @@ mod properties {
                 _ => {}
             }
         }
-        let plan = match plan_with_settings(
+        let all_protected = ["192.0.2.0/25", "198.18.0.0/24", "2001:db8::/80"];
+        let protected: Vec<&str> = all_protected
+            .iter()
+            .copied()
+            .filter(|_| rng.chance(40))
+            .collect();
+        let nets: Vec<ipnet::IpNet> = protected.iter().map(|n| n.parse().unwrap()).collect();
+        let plan = match plan_with_edges(
             &name_refs,
             admin,
             &machines,
             json!(policies.clone()),
             Value::Object(settings_json),
+            &protected,
         ) {
-            Ok(plan) => plan,
+            Ok((plan, _)) => plan,
             Err(err) => {
                 // The only refusals a generated world may meet: contradicting
                 // duplicates, and a machine left without any address.
@@ -1021,7 +1125,7 @@ mod properties {
                                 ..fwd("uplink0", oif, *src, *dst, l4)
                             };
                             let want = oracle_forward(
-                                &truth, &resolved, admin, &name_refs, &settings, &packet,
+                                &truth, &resolved, admin, &name_refs, &settings, &nets, &packet,
                             );
                             assert_eq!(
                                 eval.forward(&packet),
@@ -1039,8 +1143,9 @@ mod properties {
             for dst in outside.iter().filter(|d| d.is_ipv4() == src.is_ipv4()) {
                 for l4 in l4s {
                     let packet = fwd(iif, "uplink0", *src, *dst, l4);
-                    let want =
-                        oracle_forward(&truth, &resolved, admin, &name_refs, &settings, &packet);
+                    let want = oracle_forward(
+                        &truth, &resolved, admin, &name_refs, &settings, &nets, &packet,
+                    );
                     assert_eq!(
                         eval.forward(&packet),
                         want,
@@ -1060,7 +1165,7 @@ mod properties {
                         for l4 in l4s {
                             let packet = fwd(iif, oif, *src, *dst, l4);
                             let want = oracle_forward(
-                                &truth, &resolved, admin, &name_refs, &settings, &packet,
+                                &truth, &resolved, admin, &name_refs, &settings, &nets, &packet,
                             );
                             assert_eq!(
                                 eval.forward(&packet),
