@@ -9,6 +9,7 @@ use anklume_isolation::model::{
     EndpointRef, GatewayServices, IfName, LogSettings, PolicySpec, TableName, World,
 };
 use anklume_isolation::module::{self, Diff, Invocation, ModuleOptions, Outcome};
+use anklume_isolation::plan::report::REPORT_MAX_DOMAINS;
 use anklume_isolation::plan::{Capabilities, HostPlan, HostPlanInput};
 use anklume_isolation::runner::fs::{read_optional, write_atomic};
 use anklume_isolation::runner::incus::Incus;
@@ -188,6 +189,15 @@ fn render_module(inv: &Invocation<Options>) -> anyhow::Result<Outcome> {
     })?;
     warnings.extend(plan_warnings);
     let content = render::host(&plan)?;
+    let reachability = if plan.domains.len() <= REPORT_MAX_DOMAINS {
+        Some(plan.reachability())
+    } else {
+        warnings.push(format!(
+            "reachability is not computed beyond {REPORT_MAX_DOMAINS} domains ({} here)",
+            plan.domains.len()
+        ));
+        None
+    };
     if let Some(nft) = &nft {
         nft.check(&content)?;
     } else if validate == Validate::Auto {
@@ -225,6 +235,7 @@ fn render_module(inv: &Invocation<Options>) -> anyhow::Result<Outcome> {
                     .collect()
             }),
         )
+        .set("reachability", &reachability)
         .set("validated", nft.is_some())
         .set("capabilities", capabilities)
         .set(

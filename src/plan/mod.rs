@@ -14,6 +14,7 @@
 
 pub mod eval;
 pub mod expand;
+pub mod report;
 pub mod rules;
 
 use crate::model::{

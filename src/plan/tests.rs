@@ -59,7 +59,7 @@ fn plan_with_settings(
 
 /// A plan with the `domains` and `protected_networks` options, and its
 /// warnings.
-fn plan_with_edges(
+pub(super) fn plan_with_edges(
     names: &[&str],
     admin: Option<&str>,
     machines: &[Machine],
