@@ -23,7 +23,7 @@ MODULES   := incus_nftables_render firewall_router_apply incus_firewall_vm_profi
 # (busybox containers, the firewall VM) and needs only /bin/sh there.
 RUSTFLAGS_STATIC := -C target-feature=+crt-static
 TARGET    := x86_64-unknown-linux-gnu
-SCENARIOS := host_isolation policies firewall_vm
+SCENARIOS := host_isolation policies domain_edges firewall_vm
 # `make nftables-deploy CHECK=1` is the dry run: validate and show the diff,
 # install nothing.
 CHECK_ARGS := $(if $(CHECK),--check --diff,)

@@ -12,7 +12,8 @@
 //! namespaces and a temporary directory is touched.
 
 use anklume_isolation::model::{
-    BridgePattern, DomainBridge, GatewayServices, IfName, PolicySpec, TableName, World,
+    parse_protected_networks, BridgePattern, DomainBridge, DomainSettings, GatewayServices, IfName,
+    PolicySpec, TableName, World,
 };
 use anklume_isolation::plan::{Capabilities, HostPlan, HostPlanInput};
 use anklume_isolation::render;
@@ -55,9 +56,47 @@ fn policies() -> Vec<serde_json::Value> {
 }
 
 fn render_ruleset(bridges: &[DomainBridge], specs: &[PolicySpec]) -> String {
+    render_with_edges(bridges, specs, &DomainSettings::default(), &[])
+}
+
+/// Every domain with egress settings (alternately closed and two ports) and
+/// 100 protected networks in each family.
+fn edges() -> (DomainSettings, Vec<ipnet::IpNet>) {
+    let raw: std::collections::BTreeMap<String, serde_json::Value> = (0..DOMAINS)
+        .map(|i| {
+            let v = if i % 2 == 0 {
+                json!({"internet": false})
+            } else {
+                json!({"egress": [{"protocol": "tcp", "port": 443}, {"protocol": "udp", "port": 1000 + i}]})
+            };
+            (format!("d{i}"), v)
+        })
+        .collect();
+    let protected: Vec<String> = (0..100)
+        .flat_map(|i| {
+            [
+                format!("172.{}.{}.0/24", 16 + i / 50, i % 50 * 2),
+                format!("fd99:{i:x}::/64"),
+            ]
+        })
+        .collect();
+    (
+        DomainSettings::parse(&raw).unwrap(),
+        parse_protected_networks(&protected).unwrap(),
+    )
+}
+
+fn render_with_edges(
+    bridges: &[DomainBridge],
+    specs: &[PolicySpec],
+    settings: &DomainSettings,
+    protected: &[ipnet::IpNet],
+) -> String {
     let world = World::new(bridges, &[]);
     let resolved = specs.iter().map(|s| world.resolve(s).unwrap()).collect();
     let (plan, _) = HostPlan::build(HostPlanInput {
+        protected_networks: protected.to_vec(),
+        domain_settings: settings.clone(),
         table: TableName::new("anklume_bench").unwrap(),
         pattern: BridgePattern::new("net-").unwrap(),
         bridges,
@@ -124,7 +163,26 @@ fn main() {
         text.lines().count()
     );
 
+    let (settings, protected) = edges();
+    let edges_time = time(30, || {
+        render_with_edges(&bridges, &specs, &settings, &protected)
+    });
+    let edges_text = render_with_edges(&bridges, &specs, &settings, &protected);
+    println!(
+        "plan+render {DOMAINS} domains with egress settings, 200 protected networks, {POLICIES} \
+         policies: median {:.2} ms ({} lines)",
+        edges_time.as_secs_f64() * 1e3,
+        edges_text.lines().count()
+    );
+
     let dir = tempfile::tempdir().unwrap();
+    let edges_path = dir.path().join("edges.nft");
+    std::fs::write(&edges_path, &edges_text).unwrap();
+    let edges_load = median((0..5).map(|_| nft_in_netns(None, &edges_path)).collect());
+    println!(
+        "nft -f of the domain-edges ruleset (fresh netns, with unshare): median {:.1} ms",
+        edges_load.as_secs_f64() * 1e3
+    );
     let sets = dir.path().join("sets.nft");
     std::fs::write(&sets, &text).unwrap();
     let unshare_alone = time(9, || {

@@ -10,8 +10,8 @@
 
 use anklume_isolation::model::logging::RawLogging;
 use anklume_isolation::model::{
-    BridgePattern, DomainBridge, GatewayServices, IfName, LogSettings, Machine, Name, PolicySpec,
-    TableName, World,
+    parse_protected_networks, BridgePattern, DomainBridge, DomainSettings, GatewayServices, IfName,
+    LogSettings, Machine, Name, PolicySpec, TableName, World,
 };
 use anklume_isolation::plan::{Capabilities, HostPlan, HostPlanInput};
 use anklume_isolation::render;
@@ -27,6 +27,9 @@ struct Case {
     policies: Value,
     logging: bool,
     capabilities: Capabilities,
+    /// The `domains` option.
+    domains: Value,
+    protected: &'static [&'static str],
 }
 
 impl Case {
@@ -39,6 +42,8 @@ impl Case {
             policies: json!([]),
             logging: false,
             capabilities: Capabilities::ALL,
+            domains: json!({}),
+            protected: &[],
         }
     }
 }
@@ -70,6 +75,11 @@ fn render_case(case: &Case) -> String {
     })
     .unwrap();
     let (plan, _) = HostPlan::build(HostPlanInput {
+        protected_networks: parse_protected_networks(case.protected).unwrap(),
+        domain_settings: DomainSettings::parse(
+            &serde_json::from_value(case.domains.clone()).unwrap(),
+        )
+        .unwrap(),
         table: TableName::new("anklume").unwrap(),
         pattern,
         bridges: &bridges,
@@ -143,6 +153,55 @@ fn cases() -> Vec<Case> {
                 {"from": "nas", "to": "host", "ports": ["1-100"]}
             ]),
             ..Case::new("overlaps")
+        },
+        // Inbound from networks outside the domains: overlapping networks
+        // into one domain (plain rules, not a set, so they may overlap), both
+        // families, a network covering every domain subnet, logged drops.
+        Case {
+            logging: true,
+            policies: json!([
+                {"from": "192.168.1.10/32", "to": "pro", "ports": [22]},
+                {"from": "192.168.1.0/24", "to": "pro", "ports": [22, 443]},
+                {"from": "2001:db8:251::/64", "to": "pro", "ports": "all"},
+                {"from": "10.0.0.0/8", "to": "perso", "ports": [53], "protocol": "udp"},
+                {"from": "perso", "to": "198.51.100.0/24", "ports": [443]}
+            ]),
+            ..Case::new("inbound")
+        },
+        // Internet per domain: one closed, one on two ports with a policy to
+        // a network; the third unrestricted (its policy to a network is a
+        // no-op).
+        Case {
+            logging: true,
+            domains: json!({
+                "pro": {"internet": false},
+                "perso": {"egress": [{"protocol": "udp", "port": 53}, {"protocol": "tcp", "port": "443-444"}]},
+                "anklume": {"internet": true}
+            }),
+            policies: json!([
+                {"from": "pro", "to": "198.51.100.0/24", "ports": [80]},
+                {"from": "perso", "to": "2001:db8:251::/64", "ports": "all"},
+                {"from": "anklume", "to": "192.0.2.0/24", "ports": [22]}
+            ]),
+            ..Case::new("egress")
+        },
+        // Protected networks: overlapping entries aggregated (nft refuses
+        // overlapping interval elements), both families, one opened by a
+        // policy, with a restricted domain beside them.
+        Case {
+            logging: true,
+            protected: &[
+                "198.18.0.0/24",
+                "198.18.0.0/25",
+                "198.18.1.0/24",
+                "2001:db8:252::/64",
+            ],
+            domains: json!({"perso": {"internet": false}}),
+            policies: json!([
+                {"from": "pro", "to": "198.18.0.10/32", "ports": [22]},
+                {"from": "perso", "to": "2001:db8:252::/64", "ports": "all"}
+            ]),
+            ..Case::new("protected")
         },
         Case {
             logging: true,
@@ -321,6 +380,8 @@ fn fuzzed_policies_render_what_nft_accepts_or_are_refused_naming_the_entry() {
                 .map(|s| world.resolve(s))
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let (plan, _) = HostPlan::build(HostPlanInput {
+                protected_networks: Vec::new(),
+                domain_settings: Default::default(),
                 table: TableName::new(&format!("fuzz{case}")).unwrap(),
                 pattern: pattern.clone(),
                 bridges: &bridges,

@@ -59,6 +59,8 @@ fn an_instance_reporting_another_domains_address_does_not_widen_a_policy() {
         "{warnings}"
     );
     let (plan, _) = HostPlan::build(HostPlanInput {
+        protected_networks: Vec::new(),
+        domain_settings: Default::default(),
         table: TableName::new("anklume_lab").unwrap(),
         pattern,
         bridges: &bridges,

@@ -176,6 +176,8 @@ impl World3 {
             gateway: GatewayServices::defaults(),
             logging: None,
             capabilities: Capabilities::ALL,
+            domain_settings: Default::default(),
+            protected_networks: vec![],
         })
         .unwrap();
         nft_load(&host, &render::host(&plan).unwrap());

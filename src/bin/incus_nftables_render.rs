@@ -6,10 +6,11 @@
 use anklume_isolation::model::firewall::{parse_interfaces, FirewallInterface, RawInterface};
 use anklume_isolation::model::logging::RawLogging;
 use anklume_isolation::model::{
-    confine_to_bridges, BridgePattern, DomainBridge, EndpointRef, GatewayServices, IfName,
-    LogSettings, PolicySpec, TableName, World,
+    confine_to_bridges, parse_protected_networks, BridgePattern, DomainBridge, DomainSettings,
+    EndpointRef, GatewayServices, IfName, LogSettings, PolicySpec, TableName, World,
 };
 use anklume_isolation::module::{self, Diff, Invocation, ModuleOptions, Outcome};
+use anklume_isolation::plan::report::REPORT_MAX_DOMAINS;
 use anklume_isolation::plan::router::{router_logging, RouterPlan, RouterPlanInput};
 use anklume_isolation::plan::{Capabilities, HostPlan, HostPlanInput};
 use anklume_isolation::runner::fs::{read_optional, write_atomic};
@@ -19,7 +20,7 @@ use anklume_isolation::{render, sha256_hex};
 use anyhow::{bail, Context};
 use serde::Deserialize;
 use serde_json::Value;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 const DEFAULT_PATTERN: &str = "net-";
@@ -42,6 +43,8 @@ struct Options {
     interfaces: Option<Vec<RawInterface>>,
     icmp: Option<bool>,
     gateway_services: Option<Vec<String>>,
+    domains: Option<BTreeMap<String, Value>>,
+    protected_networks: Option<Vec<String>>,
 }
 
 impl ModuleOptions for Options {
@@ -59,6 +62,8 @@ impl ModuleOptions for Options {
         "interfaces",
         "icmp",
         "gateway_services",
+        "domains",
+        "protected_networks",
     ];
 }
 
@@ -123,6 +128,11 @@ fn render_module(inv: &Invocation<Options>) -> anyhow::Result<Outcome> {
         Some(entries) => GatewayServices::parse(entries).context("option `gateway_services`")?,
         None => GatewayServices::defaults(),
     };
+    let domain_settings = DomainSettings::parse(&opts.domains.clone().unwrap_or_default())
+        .context("option `domains`")?;
+    let protected_networks =
+        parse_protected_networks(opts.protected_networks.as_deref().unwrap_or_default())
+            .context("option `protected_networks`")?;
 
     // Discover: the bridges, and the machines only when a policy names one.
     let incus = || Incus::find();
@@ -185,6 +195,8 @@ fn render_module(inv: &Invocation<Options>) -> anyhow::Result<Outcome> {
     let (report, content) = match &router {
         None => {
             let (plan, plan_warnings) = HostPlan::build(HostPlanInput {
+                protected_networks,
+                domain_settings,
                 table,
                 pattern,
                 bridges: &bridges,
@@ -196,16 +208,32 @@ fn render_module(inv: &Invocation<Options>) -> anyhow::Result<Outcome> {
             })?;
             warnings.extend(plan_warnings);
             let content = render::host(&plan)?;
+            let reachability = if plan.domains.len() <= REPORT_MAX_DOMAINS {
+                Some(serde_json::to_value(plan.reachability())?)
+            } else {
+                warnings.push(format!(
+                    "reachability is not computed beyond {REPORT_MAX_DOMAINS} domains ({} here)",
+                    plan.domains.len()
+                ));
+                None
+            };
             let report = Report {
                 bridges: plan.bridges().cloned().collect(),
                 domains: serde_json::to_value(&plan.domains)?,
                 policies: serde_json::to_value(&plan.policies)?,
                 admin: plan.admin.clone(),
                 logging: plan.logging.is_some(),
+                reachability,
             };
             (report, content)
         }
         Some(interfaces) => {
+            if !domain_settings.0.is_empty() || !protected_networks.is_empty() {
+                bail!(
+                    "`domains` and `protected_networks` are host settings: target router does \
+                     not take them (the host enforces them in both firewall modes)"
+                );
+            }
             let (plan, plan_warnings) = RouterPlan::build(RouterPlanInput {
                 table,
                 pattern,
@@ -224,6 +252,7 @@ fn render_module(inv: &Invocation<Options>) -> anyhow::Result<Outcome> {
                 policies: serde_json::to_value(&plan.policies)?,
                 admin,
                 logging: plan.logging.is_some(),
+                reachability: None,
             };
             (report, content)
         }
@@ -265,6 +294,7 @@ fn render_module(inv: &Invocation<Options>) -> anyhow::Result<Outcome> {
                     .collect()
             }),
         )
+        .set("reachability", &report.reachability)
         .set("validated", nft.is_some())
         .set("capabilities", capabilities)
         .set(
@@ -289,4 +319,6 @@ struct Report {
     policies: Value,
     admin: Option<IfName>,
     logging: bool,
+    /// Who may open what to whom (host target only).
+    reachability: Option<Value>,
 }

@@ -92,12 +92,16 @@ pub enum Endpoint {
         ipv4: BTreeSet<Ipv4Addr>,
         ipv6: BTreeSet<Ipv6Addr>,
     },
+    /// Addresses outside the domains, written as a CIDR.
+    Network {
+        cidr: ipnet::IpNet,
+    },
 }
 
 impl Endpoint {
     pub fn bridge(&self) -> Option<&IfName> {
         match self {
-            Endpoint::Host => None,
+            Endpoint::Host | Endpoint::Network { .. } => None,
             Endpoint::Domain { bridge, .. } | Endpoint::Machine { bridge, .. } => Some(bridge),
         }
     }
@@ -154,11 +158,14 @@ impl<'a> World<'a> {
             }
         }
         warnings.dedup();
+        let from = resolve("from", &spec.from)?;
+        let to = resolve("to", &spec.to)?;
+        check_network_ends(&from, &to).with_context(|| spec.label())?;
         Ok(ResolvedPolicy {
             position: spec.position,
             description: spec.description.clone(),
-            from: resolve("from", &spec.from)?,
-            to: resolve("to", &spec.to)?,
+            from,
+            to,
             traffic: spec.traffic.clone(),
             bidirectional: spec.bidirectional,
             warnings,
@@ -177,6 +184,7 @@ impl<'a> World<'a> {
     fn resolve_ref(&self, r: &EndpointRef) -> anyhow::Result<Endpoint> {
         let name = match r {
             EndpointRef::Host => return Ok(Endpoint::Host),
+            EndpointRef::Network(cidr) => return Ok(Endpoint::Network { cidr: *cidr }),
             EndpointRef::Named(name) => name,
         };
         let domain = self.domains.get(name.as_str());
@@ -231,6 +239,31 @@ impl<'a> World<'a> {
                 )
             }
         }
+    }
+}
+
+/// A CIDR end is a network outside the domains: the other end must be a
+/// domain (inbound from that network into the domain), or the network is
+/// the destination (outbound). Anything else would be read wider or
+/// narrower than written, so it is refused.
+fn check_network_ends(from: &Endpoint, to: &Endpoint) -> anyhow::Result<()> {
+    match (from, to) {
+        (Endpoint::Network { .. }, Endpoint::Network { .. }) => {
+            bail!("`from` and `to` are both networks: a policy needs a domain, a machine or the host on one side")
+        }
+        (Endpoint::Network { cidr }, Endpoint::Machine { name, .. })
+        | (Endpoint::Machine { name, .. }, Endpoint::Network { cidr }) => bail!(
+            "a network ({cidr}) with a machine ({name}) is not supported yet: name the machine's \
+             domain instead"
+        ),
+        (Endpoint::Network { cidr }, Endpoint::Host)
+        | (Endpoint::Host, Endpoint::Network { cidr }) => {
+            bail!(
+                "a network ({cidr}) with the host: host isolation does not filter the host's \
+                 traffic with networks outside the domains; name a domain instead"
+            )
+        }
+        _ => Ok(()),
     }
 }
 

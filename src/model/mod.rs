@@ -2,6 +2,7 @@
 //! process or touches a file.
 
 pub mod bridge;
+pub mod domain;
 pub mod endpoint;
 pub mod firewall;
 pub mod gateway;
@@ -10,6 +11,7 @@ pub mod names;
 pub mod policy;
 
 pub use bridge::{domain_of, DomainBridge};
+pub use domain::{parse_protected_networks, DomainSettings, Internet};
 pub use endpoint::{confine_to_bridges, Endpoint, Machine, ResolvedPolicy, World};
 pub use gateway::GatewayServices;
 pub use logging::LogSettings;

@@ -163,12 +163,28 @@ pub enum EndpointRef {
     Host,
     /// A domain or a machine: which one is decided by resolution.
     Named(Name),
+    /// A network outside the domains (`192.168.1.10/32`, `2001:db8::/64`).
+    Network(ipnet::IpNet),
 }
 
 impl EndpointRef {
     fn parse(field: &str, text: &str) -> anyhow::Result<Self> {
         if text == "host" {
             Ok(EndpointRef::Host)
+        } else if text.contains('/') {
+            let net: ipnet::IpNet = text.parse().map_err(|_| {
+                anyhow::anyhow!(
+                    "{field} {text:?} is not a CIDR (write 192.168.1.10/32 or 2001:db8::/64)"
+                )
+            })?;
+            // A prefix with host bits set reads two ways (the address or
+            // its network): refuse it rather than guess.
+            ensure!(
+                net.trunc() == net,
+                "{field} {text:?} has bits set after its prefix length: write {}",
+                net.trunc()
+            );
+            Ok(EndpointRef::Network(net))
         } else {
             Ok(EndpointRef::Named(Name::new(field, text)?))
         }
@@ -180,6 +196,7 @@ impl fmt::Display for EndpointRef {
         match self {
             EndpointRef::Host => f.write_str("host"),
             EndpointRef::Named(name) => write!(f, "{name}"),
+            EndpointRef::Network(net) => write!(f, "{net}"),
         }
     }
 }

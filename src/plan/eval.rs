@@ -12,6 +12,9 @@ use std::net::IpAddr;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CtState {
     New,
+    /// New, and its destination rewritten by Incus (a network forward, a
+    /// proxy device in NAT mode): `ct status dnat`.
+    NewDnat,
     Established,
     Invalid,
 }
@@ -182,7 +185,7 @@ fn run(plan: &HostPlan, chains: &[Chain], name: &str, p: &Packet<'_>) -> Option<
             Action::CtVmap => match p.ct {
                 CtState::Established => Some(Verdict::Accept),
                 CtState::Invalid => run(plan, chains, super::rules::INVALID_CHAIN, p),
-                CtState::New => None,
+                CtState::New | CtState::NewDnat => None,
             },
             Action::PairsVmap => {
                 let found = plan
@@ -195,6 +198,20 @@ fn run(plan: &HostPlan, chains: &[Chain], name: &str, p: &Packet<'_>) -> Option<
                     Some(((i, o), _)) => run(plan, chains, &super::rules::pair_chain_name(i, o), p),
                 }
             }
+            Action::ProtectedOpenVmap => {
+                match plan.protected_open.keys().find(|b| b.as_str() == p.iif) {
+                    None => None,
+                    Some(b) => run(plan, chains, &super::rules::protected_chain_name(b), p),
+                }
+            }
+            Action::EgressVmap => match plan.egress.keys().find(|b| b.as_str() == p.iif) {
+                None => None,
+                Some(b) => run(plan, chains, &super::rules::egress_chain_name(b), p),
+            },
+            Action::InboundVmap => match plan.inbound.keys().find(|b| b.as_str() == p.oif) {
+                None => None,
+                Some(b) => run(plan, chains, &super::rules::inbound_chain_name(b), p),
+            },
         };
         if verdict.is_some() {
             return verdict;
@@ -243,6 +260,14 @@ fn holds(plan: &HostPlan, c: &Cond, p: &Packet<'_>) -> bool {
         Cond::Daddr(a) => p.dst == Some(*a),
         Cond::Dport(Protocol::Tcp, span) => matches!(p.l4, L4::Tcp(port) if span.contains(port)),
         Cond::Dport(Protocol::Udp, span) => matches!(p.l4, L4::Udp(port) if span.contains(port)),
+        Cond::CtDnat => p.ct == CtState::NewDnat,
+        Cond::SaddrNet(net) => net.contains(&p.src),
+        Cond::DaddrNet(net) => p.dst.is_some_and(|d| net.contains(&d)),
+        Cond::DaddrProtected(_) => match p.dst {
+            Some(IpAddr::V4(d)) => plan.protected_v4.iter().any(|n| n.contains(&d)),
+            Some(IpAddr::V6(d)) => plan.protected_v6.iter().any(|n| n.contains(&d)),
+            None => false,
+        },
     }
 }
 

@@ -34,6 +34,8 @@ impl Side {
 pub enum End {
     Host,
     Bridge(Side),
+    /// A network outside the domains.
+    Network(ipnet::IpNet),
 }
 
 /// One direction of a policy.
@@ -47,6 +49,7 @@ pub struct Flow {
 fn end(e: &Endpoint) -> End {
     match e {
         Endpoint::Host => End::Host,
+        Endpoint::Network { cidr } => End::Network(*cidr),
         Endpoint::Domain { bridge, .. } => End::Bridge(Side {
             bridge: bridge.clone(),
             v4: Scope::Whole,

@@ -15,12 +15,13 @@
 pub mod eval;
 pub mod expand;
 pub mod profile;
+pub mod report;
 pub mod router;
 pub mod rules;
 
 use crate::model::{
-    merge_spans, BridgePattern, DomainBridge, GatewayServices, IfName, LogSettings, Name, PortSpan,
-    Protocol, ResolvedPolicy, TableName, Traffic,
+    merge_spans, BridgePattern, DomainBridge, DomainSettings, GatewayServices, IfName, Internet,
+    LogSettings, Name, PortSpan, Protocol, ResolvedPolicy, TableName, Traffic,
 };
 use anyhow::{bail, ensure};
 use expand::{End, Flow, Scope, Side};
@@ -300,6 +301,25 @@ fn add_host_addrs<A: Ord + Copy>(
     }
 }
 
+/// What policies open between one network outside the domains and one
+/// domain bridge (inbound into it, or egress from it when restricted).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NetExceptions {
+    /// Every packet.
+    pub all: bool,
+    pub ports: PortSet,
+}
+
+/// What a domain with restricted internet may still send to interfaces
+/// that are not domain bridges.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct EgressRules {
+    /// Its `egress` ports (empty with `internet: false`).
+    pub ports: PortSet,
+    /// What policies from the domain to a network open.
+    pub nets: BTreeMap<ipnet::IpNet, NetExceptions>,
+}
+
 /// Everything `render::host` needs, decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostPlan {
@@ -312,6 +332,21 @@ pub struct HostPlan {
     /// here are dropped.
     pub pairs: BTreeMap<(IfName, IfName), PairExceptions>,
     pub host: HostExceptions,
+    /// Destination bridge -> source network -> what policies open from
+    /// that network (outside the domains) into the bridge. Bridges absent
+    /// here take no new connection from outside but Incus's published
+    /// (DNAT) ones.
+    pub inbound: BTreeMap<IfName, BTreeMap<ipnet::IpNet, NetExceptions>>,
+    /// Networks no domain reaches outside the domains (aggregated: nft
+    /// refuses overlapping interval elements), by family.
+    pub protected_v4: Vec<ipnet::Ipv4Net>,
+    pub protected_v6: Vec<ipnet::Ipv6Net>,
+    /// Source bridge -> networks policies open from it; only used towards
+    /// protected networks (and restricted egress keeps its own copy).
+    pub protected_open: BTreeMap<IfName, BTreeMap<ipnet::IpNet, NetExceptions>>,
+    /// Source bridge -> what it may send outside the domains, for domains
+    /// whose internet is restricted; absent bridges are unrestricted.
+    pub egress: BTreeMap<IfName, EgressRules>,
     pub gateway: GatewayServices,
     pub logging: Option<LogSettings>,
     pub conntrack: bool,
@@ -341,6 +376,10 @@ pub struct HostPlanInput<'a> {
     pub gateway: GatewayServices,
     pub logging: Option<LogSettings>,
     pub capabilities: Capabilities,
+    /// Per-domain internet settings (the `domains` option).
+    pub domain_settings: DomainSettings,
+    /// The `protected_networks` option.
+    pub protected_networks: Vec<ipnet::IpNet>,
 }
 
 /// Non-fatal findings of planning, returned to the operator as warnings.
@@ -387,6 +426,29 @@ impl HostPlan {
             admin: input.admin,
             pairs: BTreeMap::new(),
             host: HostExceptions::default(),
+            inbound: BTreeMap::new(),
+            egress: BTreeMap::new(),
+            protected_v4: ipnet::Ipv4Net::aggregate(
+                &input
+                    .protected_networks
+                    .iter()
+                    .filter_map(|n| match n {
+                        ipnet::IpNet::V4(n) => Some(*n),
+                        ipnet::IpNet::V6(_) => None,
+                    })
+                    .collect(),
+            ),
+            protected_v6: ipnet::Ipv6Net::aggregate(
+                &input
+                    .protected_networks
+                    .iter()
+                    .filter_map(|n| match n {
+                        ipnet::IpNet::V6(n) => Some(*n),
+                        ipnet::IpNet::V4(_) => None,
+                    })
+                    .collect(),
+            ),
+            protected_open: BTreeMap::new(),
             gateway: input.gateway,
             logging: None,
             conntrack: input.capabilities.conntrack,
@@ -408,6 +470,53 @@ impl HostPlan {
             }
         }
 
+        for net in &input.protected_networks {
+            for b in input.bridges {
+                let overlaps = match net {
+                    ipnet::IpNet::V4(n) => b.ipv4.is_some_and(|s| {
+                        n.contains(&s.network()) || s.trunc().contains(&n.network())
+                    }),
+                    ipnet::IpNet::V6(n) => b.ipv6.is_some_and(|s| {
+                        n.contains(&s.network()) || s.trunc().contains(&n.network())
+                    }),
+                };
+                if overlaps {
+                    warnings.push(format!(
+                        "protected network {net} overlaps the subnet of domain {} ({}): it is \
+                         only enforced on traffic leaving the domains (isolation between domains \
+                         already covers the domain's own bridge)",
+                        b.domain.as_str(),
+                        b.bridge
+                    ));
+                }
+            }
+        }
+        for (domain, internet) in &input.domain_settings.0 {
+            let Some(bridge) = plan
+                .domains
+                .iter()
+                .find(|(_, d)| *d == domain)
+                .map(|(b, _)| b.clone())
+            else {
+                bail!(
+                    "domains.{domain}: not a known domain ({})",
+                    plan.domains
+                        .values()
+                        .map(Name::as_str)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            };
+            let rules = match internet {
+                Internet::Open => continue,
+                Internet::Closed => EgressRules::default(),
+                Internet::Ports(ports) => EgressRules {
+                    ports: PortSet(ports.clone()),
+                    nets: BTreeMap::new(),
+                },
+            };
+            plan.egress.insert(bridge, rules);
+        }
         for policy in input.policies {
             let effect = plan.add_policy(policy);
             plan.policies.push(effect);
@@ -418,6 +527,22 @@ impl HostPlan {
             pair.v6.normalize();
         }
         plan.host.normalize();
+        for nets in plan.inbound.values_mut() {
+            for e in nets.values_mut() {
+                e.ports.normalize();
+            }
+        }
+        for nets in plan.protected_open.values_mut() {
+            for e in nets.values_mut() {
+                e.ports.normalize();
+            }
+        }
+        for rules in plan.egress.values_mut() {
+            rules.ports.normalize();
+            for e in rules.nets.values_mut() {
+                e.ports.normalize();
+            }
+        }
 
         if let Some(logging) = input.logging {
             let caps = input.capabilities;
@@ -465,6 +590,11 @@ impl HostPlan {
                  input traffic, not the host's own output): nothing to open"
                     .to_string(),
             ),
+            (_, crate::model::Endpoint::Network { .. }) if elements == 0 => Some(
+                "the domain reaches this network already (its internet is not restricted and no \
+                 protected network overlaps it): nothing to open"
+                    .to_string(),
+            ),
             (from, to) if from.bridge().is_some() && from.bridge() == to.bridge() => Some(
                 "both ends are on the same bridge, where traffic is already allowed".to_string(),
             ),
@@ -482,6 +612,52 @@ impl HostPlan {
     fn add_flow(&mut self, flow: &Flow) -> usize {
         match (&flow.from, &flow.to) {
             (End::Host, _) => 0,
+            (End::Bridge(src), End::Network(net)) => {
+                assert!(
+                    src.is_whole(),
+                    "machine-to-network is refused when resolved"
+                );
+                let protected = match net {
+                    ipnet::IpNet::V4(n) => self
+                        .protected_v4
+                        .iter()
+                        .any(|p| p.contains(n) || n.contains(p)),
+                    ipnet::IpNet::V6(n) => self
+                        .protected_v6
+                        .iter()
+                        .any(|p| p.contains(n) || n.contains(p)),
+                };
+                let mut added = 0;
+                if protected {
+                    let e = self
+                        .protected_open
+                        .entry(src.bridge.clone())
+                        .or_default()
+                        .entry(*net)
+                        .or_default();
+                    added += add_net(e, &flow.traffic);
+                }
+                if let Some(rules) = self.egress.get_mut(&src.bridge) {
+                    added += add_net(rules.nets.entry(*net).or_default(), &flow.traffic);
+                }
+                added
+            }
+            (End::Network(_), End::Host | End::Network(_)) => {
+                unreachable!("refused when the policy is resolved")
+            }
+            (End::Network(net), End::Bridge(dst)) => {
+                assert!(
+                    dst.is_whole(),
+                    "network-to-machine is refused when resolved"
+                );
+                let e = self
+                    .inbound
+                    .entry(dst.bridge.clone())
+                    .or_default()
+                    .entry(*net)
+                    .or_default();
+                add_net(e, &flow.traffic)
+            }
             (End::Bridge(src), End::Host) => {
                 let before = self.host.size();
                 self.host.add(src, &flow.traffic);
@@ -507,6 +683,16 @@ impl HostPlan {
     pub fn bridges(&self) -> impl Iterator<Item = &IfName> {
         self.domains.keys()
     }
+}
+
+/// Adds traffic to a network exception; returns how many elements it added.
+fn add_net(e: &mut NetExceptions, traffic: &Traffic) -> usize {
+    let before = usize::from(e.all) + e.ports.len();
+    match traffic {
+        Traffic::All => e.all = true,
+        Traffic::Ports(p, spans) => e.ports.add(*p, spans),
+    }
+    usize::from(e.all) + e.ports.len() - before
 }
 
 /// Two domain bridges on overlapping subnets make addresses ambiguous (a

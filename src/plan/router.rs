@@ -86,6 +86,11 @@ impl RouterPlan {
             },
             logging: input.logging,
             capabilities: input.capabilities,
+            // A domain's other edges (internet, protected networks, inbound
+            // from outside) are the host's: traffic to and from them never
+            // crosses the firewall.
+            domain_settings: Default::default(),
+            protected_networks: Vec::new(),
         })?;
         let names: BTreeMap<&IfName, &IfName> = input
             .interfaces
@@ -125,6 +130,17 @@ impl RouterPlan {
             warnings.push(
                 "policies to `host` open the Incus host's own input: they are enforced by host \
                  isolation, not by the firewall router, which ignores them"
+                    .to_string(),
+            );
+        }
+        if host.policies.iter().any(|p| {
+            matches!(p.policy.from, crate::model::Endpoint::Network { .. })
+                || matches!(p.policy.to, crate::model::Endpoint::Network { .. })
+        }) {
+            warnings.push(
+                "policies with a network (CIDR) end concern traffic from or to outside the \
+                 domains: they are enforced by host isolation, not by the firewall router, \
+                 which ignores them"
                     .to_string(),
             );
         }

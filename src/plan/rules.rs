@@ -11,6 +11,11 @@ use std::net::IpAddr;
 /// Named sets and maps of the table (each name written once).
 pub const DOMAIN_BRIDGES: &str = "domain_bridges";
 pub const PAIRS: &str = "pairs";
+pub const INBOUND: &str = "inbound";
+pub const EGRESS: &str = "egress";
+pub const PROTECTED_V4: &str = "protected_v4";
+pub const PROTECTED_V6: &str = "protected_v6";
+pub const PROTECTED_OPEN: &str = "protected_open";
 pub const GATEWAY_SERVICES: &str = "gateway_services";
 pub const HOST_OPEN: &str = "host_open";
 pub const HOST_SERVICES: &str = "host_services";
@@ -26,6 +31,7 @@ pub const LOG_BUDGET: &str = "log_budget";
 pub const FORWARD_CHAIN: &str = "isolation";
 pub const INPUT_CHAIN: &str = "host_input";
 pub const INVALID_CHAIN: &str = "invalid";
+pub const PROTECTED_CHAIN: &str = "protected";
 /// Before Incus's own chains (priority 0).
 pub const PRIORITY: i32 = -1;
 
@@ -46,7 +52,22 @@ pub fn pair_chain_name(from: &IfName, to: &IfName) -> String {
     format!("pair/{from}/{to}")
 }
 
+/// The chain of what policies open from a bridge towards protected networks.
+pub fn protected_chain_name(from: &IfName) -> String {
+    format!("protected/{from}")
+}
+
+/// The chain of what a domain with restricted internet may send outside.
+pub fn egress_chain_name(from: &IfName) -> String {
+    format!("egress/{from}")
+}
+
 /// The chain that logs and drops what a domain's bridge may not send.
+/// The chain of what policies open from networks outside into a bridge.
+pub fn inbound_chain_name(to: &IfName) -> String {
+    format!("inbound/{to}")
+}
+
 pub fn deny_chain_name(bridge: &IfName) -> String {
     format!("deny-{bridge}")
 }
@@ -120,6 +141,15 @@ pub enum Cond {
     Daddr(IpAddr),
     /// In a pair chain: one port or range (`tcp dport 9000-9010`).
     Dport(Protocol, PortSpan),
+    /// `ct status dnat`: a connection whose destination Incus rewrote (a
+    /// network forward, a proxy device in NAT mode).
+    CtDnat,
+    /// In an inbound chain: a source network (`ip saddr 192.0.2.0/24`).
+    SaddrNet(ipnet::IpNet),
+    /// In an egress chain: a destination network.
+    DaddrNet(ipnet::IpNet),
+    /// `ip daddr @protected_v4`, `ip6 daddr @protected_v6`.
+    DaddrProtected(Family),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,6 +165,15 @@ pub enum Action {
     Jump(String),
     /// `iifname . oifname vmap @pairs`: accept, or jump to the pair's chain.
     PairsVmap,
+    /// `iifname vmap @protected_open`: a bridge that policies open towards
+    /// networks jumps to its chain of them.
+    ProtectedOpenVmap,
+    /// `iifname vmap @egress`: a domain whose internet is restricted jumps
+    /// to its egress chain.
+    EgressVmap,
+    /// `oifname vmap @inbound`: a bridge some policy opens to networks
+    /// outside jumps to its inbound chain.
+    InboundVmap,
     /// `ct state vmap { established : accept, related : accept, invalid :
     /// jump invalid }`: one rule for what conntrack already knows.
     CtVmap,
@@ -181,6 +220,41 @@ impl HostPlan {
         if self.conntrack {
             chains.push(self.invalid_chain());
         }
+        if self.has_protected() {
+            chains.push(self.protected_chain());
+            for (from, nets) in &self.protected_open {
+                chains.push(Chain {
+                    name: protected_chain_name(from),
+                    hook: None,
+                    why: Some(
+                        "What policies open from this bridge to networks that are protected.",
+                    ),
+                    pair: None,
+                    rules: net_rules(nets, Cond::DaddrNet),
+                });
+            }
+        }
+        for (to, nets) in &self.inbound {
+            chains.push(Chain {
+                name: inbound_chain_name(to),
+                hook: None,
+                why: Some("What policies open from networks outside the domains into this bridge."),
+                pair: None,
+                rules: net_rules(nets, Cond::SaddrNet),
+            });
+        }
+        for (from, rules) in &self.egress {
+            chains.push(Chain {
+                name: egress_chain_name(from),
+                hook: None,
+                why: Some(
+                    "What this domain may send to interfaces that are not domain bridges (its \
+                     egress ports and policies to networks); the rest is dropped.",
+                ),
+                pair: None,
+                rules: self.egress_rules(rules),
+            });
+        }
         for ((from, to), pair) in &self.pairs {
             if !pair.all {
                 chains.push(Chain {
@@ -210,6 +284,36 @@ impl HostPlan {
                  most packets take. Invalid packets go to their own chain, new ones go on.",
             ));
         }
+        for (family, used) in [
+            (Family::V4, !self.protected_v4.is_empty()),
+            (Family::V6, !self.protected_v6.is_empty()),
+        ] {
+            if used {
+                rules.push(
+                    Rule::new(
+                        vec![
+                            Oif(IfSel::NotDomainish),
+                            Iif(IfSel::Known),
+                            DaddrProtected(family),
+                        ],
+                        Action::Jump(PROTECTED_CHAIN.into()),
+                    )
+                    .why(
+                        "Protected networks (the LAN, management, cluster networks): no domain \
+                         reaches them outside the domains, whatever its internet setting, except \
+                         through a policy. One interval lookup per new egress packet.",
+                    ),
+                );
+            }
+        }
+        if !self.egress.is_empty() {
+            rules.push(
+                Rule::new(vec![Oif(IfSel::NotDomainish)], Action::EgressVmap).why(
+                    "Domains whose internet is restricted: one lookup on the source bridge sends \
+                     them to their egress chain; the others go on.",
+                ),
+            );
+        }
         rules.push(
             Rule::new(vec![Oif(IfSel::NotDomainish)], Action::Accept).why(
                 "Towards anything that is not a domain bridge (the internet, other interfaces): \
@@ -222,10 +326,7 @@ impl HostPlan {
                  pairs accept; a pair that policies open jumps to its own small chain; any other \
                  pair goes on to the drops.",
         ));
-        rules.push(
-            Rule::new(vec![Iif(IfSel::NotDomainish)], Action::Accept)
-                .why("From outside the domains (inbound to a domain): not ours to judge."),
-        );
+        rules.extend(self.inbound_rules());
         rules.push(
             Rule::new(vec![Iif(IfSel::Known), Oif(IfSel::Known)], Action::Deny)
                 .why("Cross-domain traffic between known bridges."),
@@ -258,6 +359,76 @@ impl HostPlan {
             pair: None,
             rules,
         }
+    }
+
+    /// New connections from outside the domains (the uplink, another
+    /// bridge, routed IPv6) into a domain: here only packets whose output
+    /// is a domain bridge are left, since egress left above.
+    fn inbound_rules(&self) -> Vec<Rule> {
+        use Cond::*;
+        let outside = || Iif(IfSel::NotDomainish);
+        if !self.conntrack {
+            // Without conntrack, replies to a domain's own internet traffic
+            // look like new connections from outside: dropping them would cut
+            // every domain off the internet.
+            return vec![Rule::new(vec![outside()], Action::Accept).why(
+                "From outside the domains: without conntrack, replies to a domain's own \
+                 connections cannot be told from new connections, so inbound stays open.",
+            )];
+        }
+        let mut rules = vec![Rule::new(vec![outside(), CtDnat], Action::Accept).why(
+            "From outside into a domain, what Incus publishes: network forwards and proxy \
+             devices in NAT mode rewrite the destination (DNAT) before this hook.",
+        )];
+        if !self.inbound.is_empty() {
+            rules.push(
+                Rule::new(vec![outside()], Action::InboundVmap)
+                    .why("What policies open from networks outside into a domain: one lookup."),
+            );
+        }
+        if let Some(log) = self.log("DENY-INBOUND") {
+            rules.push(Rule::new(vec![outside()], log));
+        }
+        rules.push(
+            Rule::new(vec![outside()], Action::Drop)
+                .why("Every other new connection from outside into a domain."),
+        );
+        rules
+    }
+
+    pub fn has_protected(&self) -> bool {
+        !(self.protected_v4.is_empty() && self.protected_v6.is_empty())
+    }
+
+    fn protected_chain(&self) -> Chain {
+        let mut rules = Vec::new();
+        if !self.protected_open.is_empty() {
+            rules.push(Rule::new(vec![], Action::ProtectedOpenVmap));
+        }
+        if let Some(log) = self.log("DENY-PROTECTED") {
+            rules.push(Rule::new(vec![], log));
+        }
+        rules.push(Rule::new(vec![], Action::Drop));
+        Chain {
+            name: PROTECTED_CHAIN.into(),
+            hook: None,
+            why: Some(
+                "A domain's packet to a protected network: what a policy from its domain opens, \
+                 then dropped.",
+            ),
+            pair: None,
+            rules,
+        }
+    }
+
+    fn egress_rules(&self, e: &super::EgressRules) -> Vec<Rule> {
+        let mut rules: Vec<Rule> = port_rules(&e.ports, vec![]).collect();
+        rules.extend(net_rules(&e.nets, Cond::DaddrNet));
+        if let Some(log) = self.log("DENY-EGRESS") {
+            rules.push(Rule::new(vec![], log));
+        }
+        rules.push(Rule::new(vec![], Action::Drop));
+        rules
     }
 
     fn invalid_chain(&self) -> Chain {
@@ -365,6 +536,23 @@ impl HostPlan {
             rules,
         }
     }
+}
+
+/// The rules of an inbound or egress chain: one plain rule per network and
+/// port span (networks may overlap, which a set would refuse).
+fn net_rules(
+    nets: &std::collections::BTreeMap<ipnet::IpNet, super::NetExceptions>,
+    cond: fn(ipnet::IpNet) -> Cond,
+) -> Vec<Rule> {
+    let mut rules = Vec::new();
+    for (net, e) in nets {
+        if e.all {
+            rules.push(Rule::new(vec![cond(*net)], Action::Accept));
+        } else {
+            rules.extend(port_rules(&e.ports, vec![cond(*net)]));
+        }
+    }
+    rules
 }
 
 /// The rules of a pair chain: one rule per exception the pair has, plain
@@ -475,6 +663,11 @@ impl Cond {
             Cond::Saddr(a) => format!("{} saddr {a}", ip_of(a)),
             Cond::Daddr(a) => format!("{} daddr {a}", ip_of(a)),
             Cond::Dport(p, span) => format!("{} dport {span}", p.as_str()),
+            Cond::CtDnat => "ct status dnat".into(),
+            Cond::SaddrNet(net) => format!("{} saddr {net}", ip_of(&net.addr())),
+            Cond::DaddrNet(net) => format!("{} daddr {net}", ip_of(&net.addr())),
+            Cond::DaddrProtected(Family::V4) => format!("ip daddr @{PROTECTED_V4}"),
+            Cond::DaddrProtected(Family::V6) => format!("ip6 daddr @{PROTECTED_V6}"),
         }
     }
 }
@@ -505,6 +698,9 @@ impl Action {
             }
             Action::Jump(chain) => format!("jump {chain}"),
             Action::PairsVmap => format!("iifname . oifname vmap @{PAIRS}"),
+            Action::InboundVmap => format!("oifname vmap @{INBOUND}"),
+            Action::EgressVmap => format!("iifname vmap @{EGRESS}"),
+            Action::ProtectedOpenVmap => format!("iifname vmap @{PROTECTED_OPEN}"),
             Action::CtVmap => format!(
                 "ct state vmap {{ established : accept, related : accept, invalid : jump \
                  {INVALID_CHAIN} }}"

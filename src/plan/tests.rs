@@ -43,6 +43,31 @@ fn plan_with(
     machines: &[Machine],
     policies: Value,
 ) -> anyhow::Result<HostPlan> {
+    plan_with_settings(names, admin, machines, policies, json!({}))
+}
+
+/// A plan with the `domains` option as given.
+fn plan_with_settings(
+    names: &[&str],
+    admin: Option<&str>,
+    machines: &[Machine],
+    policies: Value,
+    domains: Value,
+) -> anyhow::Result<HostPlan> {
+    plan_with_edges(names, admin, machines, policies, domains, &[]).map(|(plan, _)| plan)
+}
+
+/// A plan with the `domains` and `protected_networks` options, and its
+/// warnings.
+pub(super) fn plan_with_edges(
+    names: &[&str],
+    admin: Option<&str>,
+    machines: &[Machine],
+    policies: Value,
+    domains: Value,
+    protected: &[&str],
+) -> anyhow::Result<(HostPlan, Warnings)> {
+    let domains: BTreeMap<String, Value> = serde_json::from_value(domains).unwrap();
     let bridges = bridges(names);
     let specs = PolicySpec::parse_all(policies.as_array().unwrap())?;
     let mut machines = machines.to_vec();
@@ -52,7 +77,9 @@ fn plan_with(
         .iter()
         .map(|s| world.resolve(s))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let (plan, _) = HostPlan::build(HostPlanInput {
+    HostPlan::build(HostPlanInput {
+        protected_networks: crate::model::parse_protected_networks(protected)?,
+        domain_settings: DomainSettings::parse(&domains)?,
         table: TableName::new("anklume").unwrap(),
         pattern: BridgePattern::new("net-").unwrap(),
         bridges: &bridges,
@@ -61,8 +88,7 @@ fn plan_with(
         gateway: GatewayServices::defaults(),
         logging: None,
         capabilities: Capabilities::ALL,
-    })?;
-    Ok(plan)
+    })
 }
 
 fn v4(a: &str) -> IpAddr {
@@ -110,9 +136,26 @@ fn strict_isolation_allows_same_bridge_and_internet_only() {
         plan.forward_verdict(&fwd(PRO, "eth0", a, internet, L4::Tcp(443))),
         Verdict::Accept
     );
+    let egress_reply = Forwarded {
+        ct: CtState::Established,
+        ..fwd("eth0", PRO, internet, a, L4::Tcp(40000))
+    };
+    assert_eq!(plan.forward_verdict(&egress_reply), Verdict::Accept);
+    // A new connection from outside into a domain: dropped, unless Incus
+    // published it (a network forward or NAT proxy device: DNAT).
     assert_eq!(
-        plan.forward_verdict(&fwd("eth0", PRO, internet, a, L4::Tcp(40000))),
-        Verdict::Accept
+        plan.forward_verdict(&fwd("eth0", PRO, internet, a, L4::Tcp(22))),
+        Verdict::Drop
+    );
+    let published = Forwarded {
+        ct: CtState::NewDnat,
+        ..fwd("eth0", PRO, internet, a, L4::Tcp(22))
+    };
+    assert_eq!(plan.forward_verdict(&published), Verdict::Accept);
+    // A bridge made after the render takes no inbound either (fail closed).
+    assert_eq!(
+        plan.forward_verdict(&fwd("eth0", "net-new", internet, a, L4::Tcp(22))),
+        Verdict::Drop
     );
     // Conntrack comes first: replies pass, invalid packets do not.
     let reply = Forwarded {
@@ -172,6 +215,260 @@ fn admin_opens_towards_every_domain_and_nothing_back() {
         ..fwd(PRO, ADMIN, p, a, L4::Tcp(40000))
     };
     assert_eq!(plan.forward_verdict(&reply), Verdict::Accept);
+}
+
+#[test]
+fn a_network_policy_opens_inbound_to_its_domain_only() {
+    let plan = plan_with(
+        &[ADMIN, PRO, PERSO],
+        None,
+        &[],
+        json!([
+            {"from": "192.0.2.0/24", "to": "pro", "ports": [22]},
+            {"from": "2001:db8::/64", "to": "pro", "ports": "all"},
+            {"description": "Covers every domain subnet", "from": "10.0.0.0/8", "to": "perso", "ports": [80]},
+            {"from": "pro", "to": "198.51.100.0/24", "ports": [443]}
+        ]),
+    )
+    .unwrap();
+    let (pro, perso) = (v4("10.1.0.5"), v4("10.2.0.5"));
+    let cases = [
+        (
+            "eth0",
+            PRO,
+            v4("192.0.2.9"),
+            pro,
+            L4::Tcp(22),
+            Verdict::Accept,
+        ),
+        (
+            "eth0",
+            PRO,
+            v4("192.0.2.9"),
+            pro,
+            L4::Tcp(23),
+            Verdict::Drop,
+        ),
+        (
+            "eth0",
+            PRO,
+            v4("192.0.3.9"),
+            pro,
+            L4::Tcp(22),
+            Verdict::Drop,
+        ),
+        (
+            "eth0",
+            PERSO,
+            v4("192.0.2.9"),
+            perso,
+            L4::Tcp(22),
+            Verdict::Drop,
+        ),
+        (
+            "eth0",
+            PRO,
+            v6("2001:db8::9"),
+            v6("fd00:1::5"),
+            L4::Icmp,
+            Verdict::Accept,
+        ),
+        (
+            "eth0",
+            PRO,
+            v6("2001:db8:1::9"),
+            v6("fd00:1::5"),
+            L4::Icmp,
+            Verdict::Drop,
+        ),
+        (
+            "eth0",
+            PERSO,
+            v4("10.9.0.9"),
+            perso,
+            L4::Tcp(80),
+            Verdict::Accept,
+        ),
+        // The network covers pro's subnet: it never opens pro -> perso.
+        (PRO, PERSO, pro, perso, L4::Tcp(80), Verdict::Drop),
+    ];
+    for (iif, oif, src, dst, l4, want) in cases {
+        assert_eq!(
+            plan.forward_verdict(&fwd(iif, oif, src, dst, l4)),
+            want,
+            "{iif} -> {oif} {src} -> {dst} {l4:?}"
+        );
+    }
+    // Domain -> network is egress, already open: the policy says so.
+    assert!(plan.policies[3]
+        .note
+        .as_deref()
+        .unwrap()
+        .contains("already"));
+}
+
+#[test]
+fn restricted_internet_keeps_only_its_ports_and_policies_to_networks() {
+    let plan = plan_with_settings(
+        &[ADMIN, PRO, PERSO],
+        None,
+        &[],
+        json!([
+            {"from": "pro", "to": "198.51.100.0/24", "ports": [8080]},
+            {"from": "perso", "to": "2001:db8::/64", "ports": "all"},
+            {"from": "anklume", "to": "198.51.100.0/24", "ports": [8080]}
+        ]),
+        json!({"pro": {"egress": [{"protocol": "udp", "port": 53}, {"protocol": "tcp", "port": "443-444"}]},
+               "perso": {"internet": false}}),
+    )
+    .unwrap();
+    let (pro, perso, anklume) = (v4("10.1.0.5"), v4("10.2.0.5"), v4("10.0.0.5"));
+    let up = v4("198.51.100.2");
+    let cases = [
+        (PRO, up, pro, L4::Tcp(443), Verdict::Accept),
+        (PRO, up, pro, L4::Udp(53), Verdict::Accept),
+        (PRO, up, pro, L4::Tcp(80), Verdict::Drop),
+        (PRO, up, pro, L4::Icmp, Verdict::Drop),
+        (PRO, up, pro, L4::Tcp(8080), Verdict::Accept),
+        (PRO, v4("192.0.2.1"), pro, L4::Tcp(8080), Verdict::Drop),
+        (PERSO, up, perso, L4::Tcp(443), Verdict::Drop),
+        (
+            PERSO,
+            v6("2001:db8::1"),
+            v6("fd00:2::5"),
+            L4::Tcp(22),
+            Verdict::Accept,
+        ),
+        (ADMIN, up, anklume, L4::Tcp(80), Verdict::Accept),
+    ];
+    for (iif, dst, src, l4, want) in cases {
+        assert_eq!(
+            plan.forward_verdict(&fwd(iif, "eth0", src, dst, l4)),
+            want,
+            "{iif} {src} -> {dst} {l4:?}"
+        );
+    }
+    // Between domains and from outside nothing changes; replies still pass.
+    assert_eq!(
+        plan.forward_verdict(&fwd(PERSO, PERSO, perso, perso, L4::Tcp(80))),
+        Verdict::Accept
+    );
+    let reply = Forwarded {
+        ct: CtState::Established,
+        ..fwd(PERSO, "eth0", perso, up, L4::Tcp(80))
+    };
+    assert_eq!(plan.forward_verdict(&reply), Verdict::Accept);
+    // A policy to a network from an unrestricted domain opens nothing.
+    assert!(plan.policies[2].note.is_some() && plan.policies[0].note.is_none());
+    let err = plan_with_settings(
+        &[PRO],
+        None,
+        &[],
+        json!([]),
+        json!({"ai": {"internet": false}}),
+    )
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("domains.ai: not a known domain"));
+}
+
+#[test]
+fn protected_networks_are_closed_to_every_domain_but_through_a_policy() {
+    let (plan, warnings) = plan_with_edges(
+        &[ADMIN, PRO, PERSO],
+        Some(ADMIN),
+        &[],
+        json!([
+            {"from": "pro", "to": "198.18.0.10/32", "ports": [22]},
+            {"from": "perso", "to": "0.0.0.0/0", "ports": [443]}
+        ]),
+        json!({}),
+        &[
+            "198.18.0.0/24",
+            "198.18.0.0/25",
+            "2001:db8:252::/64",
+            "10.2.0.0/16",
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        plan.protected_v4.len(),
+        2,
+        "aggregated: {:?}",
+        plan.protected_v4
+    );
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("10.2.0.0/16") && w.contains("perso")),
+        "{warnings:?}"
+    );
+    let (pro, perso, anklume) = (v4("10.1.0.5"), v4("10.2.0.5"), v4("10.0.0.5"));
+    let lan = v4("198.18.0.10");
+    let cases = [
+        (PRO, pro, lan, L4::Tcp(22), Verdict::Accept),
+        (PRO, pro, lan, L4::Tcp(23), Verdict::Drop),
+        (PRO, pro, v4("198.18.0.11"), L4::Tcp(22), Verdict::Drop),
+        (PRO, pro, v4("198.51.100.2"), L4::Tcp(23), Verdict::Accept),
+        (ADMIN, anklume, lan, L4::Tcp(22), Verdict::Drop),
+        (PERSO, perso, lan, L4::Tcp(443), Verdict::Accept),
+        (PERSO, perso, lan, L4::Icmp, Verdict::Drop),
+        (
+            PRO,
+            v6("fd00:1::5"),
+            v6("2001:db8:252::2"),
+            L4::Icmp,
+            Verdict::Drop,
+        ),
+        (
+            PRO,
+            v6("fd00:1::5"),
+            v6("2001:db8:251::2"),
+            L4::Icmp,
+            Verdict::Accept,
+        ),
+    ];
+    for (iif, src, dst, l4, want) in cases {
+        assert_eq!(
+            plan.forward_verdict(&fwd(iif, "eth0", src, dst, l4)),
+            want,
+            "{iif} {src} -> {dst} {l4:?}"
+        );
+    }
+    // A protected network over a domain's subnet never cuts that domain's
+    // own traffic nor changes isolation between domains.
+    assert_eq!(
+        plan.forward_verdict(&fwd(PERSO, PERSO, perso, perso, L4::Tcp(80))),
+        Verdict::Accept
+    );
+    assert_eq!(
+        plan.forward_verdict(&fwd(ADMIN, PERSO, anklume, perso, L4::Tcp(80))),
+        Verdict::Accept
+    );
+}
+
+#[test]
+fn network_ends_are_refused_where_they_would_be_misread() {
+    let m = machine("nas", PERSO, &["10.2.0.10"], &[]);
+    for (from, to, says) in [
+        ("192.0.2.0/24", "nas", "not supported yet"),
+        ("192.0.2.0/24", "host", "with the host"),
+        ("192.0.2.0/24", "198.51.100.0/24", "both networks"),
+        ("192.0.2.1/24", "pro", "write 192.0.2.0/24"),
+        ("192.0.2.0/33", "pro", "not a CIDR"),
+    ] {
+        let err = plan_with(
+            &[ADMIN, PRO, PERSO],
+            None,
+            std::slice::from_ref(&m),
+            json!([{"from": from, "to": to, "ports": [22]}]),
+        )
+        .unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains(says) && msg.contains("#1"),
+            "{from} -> {to}: {msg}"
+        );
+    }
 }
 
 #[test]
@@ -304,6 +601,8 @@ fn host_policies_open_the_host_input_exactly() {
 fn gateway_services_are_the_operators_list() {
     let bridges = bridges(&[PRO]);
     let (plan, _) = HostPlan::build(HostPlanInput {
+        protected_networks: Vec::new(),
+        domain_settings: Default::default(),
         table: TableName::new("anklume").unwrap(),
         pattern: BridgePattern::new("net-").unwrap(),
         bridges: &bridges,
@@ -408,6 +707,8 @@ fn overlapping_subnets_are_refused() {
     let mut b = bridges(&[PRO, PERSO]);
     b[1].ipv4 = Some("10.0.0.128/25".parse().unwrap());
     let err = HostPlan::build(HostPlanInput {
+        protected_networks: Vec::new(),
+        domain_settings: Default::default(),
         table: TableName::new("anklume").unwrap(),
         pattern: BridgePattern::new("net-").unwrap(),
         bridges: &b,
@@ -425,6 +726,8 @@ fn overlapping_subnets_are_refused() {
 fn missing_log_support_drops_logging_with_a_warning() {
     let b = bridges(&[PRO]);
     let (plan, warnings) = HostPlan::build(HostPlanInput {
+        protected_networks: Vec::new(),
+        domain_settings: Default::default(),
         table: TableName::new("anklume").unwrap(),
         pattern: BridgePattern::new("net-").unwrap(),
         bridges: &b,
@@ -477,6 +780,9 @@ mod properties {
     fn endpoint_matches(truth: &Truth, e: &Endpoint, iif: &str, src: IpAddr) -> bool {
         match e {
             Endpoint::Host => false,
+            // A network end matches packets from outside the domains only
+            // (`iif` is not a domain bridge), whatever its addresses cover.
+            Endpoint::Network { cidr } => !iif.starts_with("net-") && cidr.contains(&src),
             Endpoint::Domain { bridge, .. } => bridge.as_str() == iif,
             Endpoint::Machine { name, .. } => {
                 let (bridge, addrs) = &truth[name.as_str()];
@@ -522,9 +828,46 @@ mod properties {
         policies: &[ResolvedPolicy],
         admin: Option<&str>,
         known: &[&str],
+        settings: &BTreeMap<String, Internet>,
+        protected: &[ipnet::IpNet],
         p: &Forwarded<'_>,
     ) -> Verdict {
         let known_if = |i: &str| known.contains(&i);
+        let domainish = |i: &str| i.starts_with("net-");
+        let to_network = |from: &Endpoint, to: &Endpoint, traffic: &Traffic| {
+            matches!(to, Endpoint::Network { cidr } if cidr.contains(&p.dst))
+                && matches!(from, Endpoint::Domain { bridge, .. } if bridge.as_str() == p.iif)
+                && traffic_matches(traffic, p.l4)
+        };
+        if known_if(p.iif) && !domainish(p.oif) && protected.iter().any(|n| n.contains(&p.dst)) {
+            // Protected: only a policy from the domain to a network opens it.
+            return verdict(some_policy(policies, to_network));
+        }
+        if known_if(p.iif) && !domainish(p.oif) {
+            // Egress: as the domain's internet setting says, plus policies
+            // from the domain to a network when it is restricted.
+            let by_setting = match settings.get(p.iif) {
+                None | Some(Internet::Open) => return Verdict::Accept,
+                Some(Internet::Closed) => false,
+                Some(Internet::Ports(ports)) => ports.iter().any(|(proto, span)| {
+                    matches!((proto, p.l4), (Protocol::Tcp, L4::Tcp(x)) | (Protocol::Udp, L4::Udp(x)) if span.contains(x))
+                }),
+            };
+            return verdict(by_setting || some_policy(policies, to_network));
+        }
+        if !domainish(p.iif) && domainish(p.oif) {
+            // Inbound: published by Incus (DNAT), or opened by a policy
+            // from a network into the destination's domain.
+            return verdict(
+                p.ct == CtState::NewDnat
+                    || some_policy(policies, |from, to, traffic| {
+                        matches!(from, Endpoint::Network { .. })
+                            && endpoint_matches(truth, from, p.iif, p.src)
+                            && endpoint_matches(truth, to, p.oif, p.dst)
+                            && traffic_matches(traffic, p.l4)
+                    }),
+            );
+        }
         if !(known_if(p.iif) && known_if(p.oif)) || p.iif == p.oif || admin == Some(p.iif) {
             return Verdict::Accept;
         }
@@ -625,12 +968,34 @@ mod properties {
             .chain(machines.iter().map(|m| m.name.to_string()))
             .chain(["host".to_string()])
             .collect();
+        // Networks outside the domains; 10.0.0.0/8 and fd00::/8 also cover
+        // every domain's subnet, which must never open anything between
+        // domains.
+        let networks = [
+            "192.0.2.0/24",
+            "198.18.0.0/24",
+            "198.18.0.7/32",
+            "192.0.2.7/32",
+            "2001:db8::/64",
+            "10.0.0.0/8",
+            "fd00::/8",
+        ];
         let mut policies = Vec::new();
         for _ in 0..rng.below(6) {
-            let from = &endpoint_names[rng.below(endpoint_names.len() as u64) as usize];
-            let to = &endpoint_names[rng.below(endpoint_names.len() as u64) as usize];
+            let mut from = endpoint_names[rng.below(endpoint_names.len() as u64) as usize].clone();
+            let mut to = endpoint_names[rng.below(endpoint_names.len() as u64) as usize].clone();
             if from == "host" && to == "host" {
                 continue;
+            }
+            if rng.chance(30) {
+                // A network with a domain, either way.
+                let net = networks[rng.below(networks.len() as u64) as usize].to_string();
+                let domain = format!("d{}", rng.below(n_domains as u64));
+                (from, to) = if rng.chance(70) {
+                    (net, domain)
+                } else {
+                    (domain, net)
+                };
             }
             let mut entry = json!({"from": from, "to": to, "ports": random_ports(&mut rng),
                                    "bidirectional": rng.chance(30)});
@@ -640,8 +1005,48 @@ mod properties {
             policies.push(entry);
         }
         let admin = rng.chance(30).then(|| name_refs[0]);
-        let plan = match plan_with(&name_refs, admin, &machines, json!(policies.clone())) {
-            Ok(plan) => plan,
+        // Internet settings: some domains closed, some on a few ports.
+        let mut settings_json = serde_json::Map::new();
+        let mut settings: BTreeMap<String, Internet> = BTreeMap::new();
+        for (i, bridge) in names.iter().enumerate() {
+            match rng.below(4) {
+                0 => {
+                    settings_json.insert(format!("d{i}"), json!({"internet": false}));
+                    settings.insert(bridge.clone(), Internet::Closed);
+                }
+                1 => {
+                    let port = 1 + rng.below(40) as u16 * 10;
+                    let proto = if rng.chance(50) {
+                        Protocol::Tcp
+                    } else {
+                        Protocol::Udp
+                    };
+                    settings_json.insert(
+                        format!("d{i}"),
+                        json!({"egress": [{"protocol": proto.as_str(), "port": port}]}),
+                    );
+                    let span = PortSpan::single(port).unwrap();
+                    settings.insert(bridge.clone(), Internet::Ports([(proto, span)].into()));
+                }
+                _ => {}
+            }
+        }
+        let all_protected = ["192.0.2.0/25", "198.18.0.0/24", "2001:db8::/80"];
+        let protected: Vec<&str> = all_protected
+            .iter()
+            .copied()
+            .filter(|_| rng.chance(40))
+            .collect();
+        let nets: Vec<ipnet::IpNet> = protected.iter().map(|n| n.parse().unwrap()).collect();
+        let plan = match plan_with_edges(
+            &name_refs,
+            admin,
+            &machines,
+            json!(policies.clone()),
+            Value::Object(settings_json),
+            &protected,
+        ) {
+            Ok((plan, _)) => plan,
             Err(err) => {
                 // The only refusals a generated world may meet: contradicting
                 // duplicates, and a machine left without any address.
@@ -694,6 +1099,61 @@ mod properties {
             L4::Udp(205),
             L4::Tcp(400),
         ];
+        // From outside: the uplink, from outside addresses and from
+        // addresses that look like a domain's, new and DNAT'ed.
+        let outside: Vec<IpAddr> = [
+            "192.0.2.7",
+            "192.0.2.8",
+            "198.51.100.2",
+            "2001:db8::7",
+            "2001:db8:1::7",
+        ]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .chain(addrs.iter().copied())
+        .collect();
+        for src in &outside {
+            for dst in &addrs {
+                if src.is_ipv4() != dst.is_ipv4() {
+                    continue;
+                }
+                for oif in names.iter().map(String::as_str).chain(["net-new"]) {
+                    for l4 in l4s {
+                        for ct in [CtState::New, CtState::NewDnat] {
+                            let packet = Forwarded {
+                                ct,
+                                ..fwd("uplink0", oif, *src, *dst, l4)
+                            };
+                            let want = oracle_forward(
+                                &truth, &resolved, admin, &name_refs, &settings, &nets, &packet,
+                            );
+                            assert_eq!(
+                                eval.forward(&packet),
+                                want,
+                                "seed {seed}: {packet:?}\npolicies {policies:#?}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        // Egress: from each domain's own addresses to outside addresses.
+        for src in &addrs {
+            let iif = &names[bridge_of(src)];
+            for dst in outside.iter().filter(|d| d.is_ipv4() == src.is_ipv4()) {
+                for l4 in l4s {
+                    let packet = fwd(iif, "uplink0", *src, *dst, l4);
+                    let want = oracle_forward(
+                        &truth, &resolved, admin, &name_refs, &settings, &nets, &packet,
+                    );
+                    assert_eq!(
+                        eval.forward(&packet),
+                        want,
+                        "seed {seed}: {packet:?}\npolicies {policies:#?}\nsettings {settings:?}"
+                    );
+                }
+            }
+        }
         for src in &addrs {
             let own = bridge_of(src);
             for iif in [&names[own], &names[(own + 1) % n_domains]] {
@@ -704,8 +1164,9 @@ mod properties {
                     for oif in &names {
                         for l4 in l4s {
                             let packet = fwd(iif, oif, *src, *dst, l4);
-                            let want =
-                                oracle_forward(&truth, &resolved, admin, &name_refs, &packet);
+                            let want = oracle_forward(
+                                &truth, &resolved, admin, &name_refs, &settings, &nets, &packet,
+                            );
                             assert_eq!(
                                 eval.forward(&packet),
                                 want,

@@ -6,9 +6,10 @@
 
 use crate::model::IfName;
 use crate::plan::rules::{
-    pair_chain_name, Chain, DENY_LOG, DOMAIN_BRIDGES, GATEWAY_SERVICES, HOST_DENY_LOG, HOST_OPEN,
-    HOST_OPEN_V4, HOST_OPEN_V6, HOST_SERVICES, HOST_SERVICES_V4, HOST_SERVICES_V6, LOG_BUDGET,
-    PAIRS,
+    egress_chain_name, inbound_chain_name, pair_chain_name, protected_chain_name, Chain, DENY_LOG,
+    DOMAIN_BRIDGES, EGRESS, GATEWAY_SERVICES, HOST_DENY_LOG, HOST_OPEN, HOST_OPEN_V4, HOST_OPEN_V6,
+    HOST_SERVICES, HOST_SERVICES_V4, HOST_SERVICES_V6, INBOUND, LOG_BUDGET, PAIRS, PROTECTED_OPEN,
+    PROTECTED_V4, PROTECTED_V6,
 };
 use crate::plan::{HostAddrExceptions, HostPlan, PortSet};
 use anyhow::Context;
@@ -197,6 +198,31 @@ fn sets(plan: &HostPlan) -> Vec<SetView> {
         interval: false,
         elements: plan.bridges().map(quoted).collect(),
     }];
+    for (name, elements, type_) in [
+        (
+            PROTECTED_V4,
+            plan.protected_v4
+                .iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>(),
+            "ipv4_addr",
+        ),
+        (
+            PROTECTED_V6,
+            plan.protected_v6.iter().map(|n| n.to_string()).collect(),
+            "ipv6_addr",
+        ),
+    ] {
+        if !elements.is_empty() {
+            sets.push(SetView {
+                name,
+                why: wrap("Protected networks (the protected_networks option), aggregated."),
+                type_: type_.into(),
+                interval: true,
+                elements,
+            });
+        }
+    }
     let gateway = PortSet::from(&plan.gateway);
     if !gateway.is_empty() {
         sets.push(SetView {
@@ -266,6 +292,50 @@ fn maps(plan: &HostPlan) -> Vec<MapView> {
             })
             .collect(),
     }];
+    if plan.has_protected() && !plan.protected_open.is_empty() {
+        maps.push(MapView {
+            name: PROTECTED_OPEN,
+            why: wrap(
+                "Domain bridges that policies open towards protected networks -> their chain.",
+            ),
+            type_: "ifname : verdict",
+            elements: plan
+                .protected_open
+                .keys()
+                .map(|b| format!("{} : jump {}", quoted(b), protected_chain_name(b)))
+                .collect(),
+        });
+    }
+    if !plan.egress.is_empty() {
+        maps.push(MapView {
+            name: EGRESS,
+            why: wrap(
+                "Domains whose internet is restricted -> the chain of what they may still send \
+                 outside the domains.",
+            ),
+            type_: "ifname : verdict",
+            elements: plan
+                .egress
+                .keys()
+                .map(|b| format!("{} : jump {}", quoted(b), egress_chain_name(b)))
+                .collect(),
+        });
+    }
+    if !plan.inbound.is_empty() {
+        maps.push(MapView {
+            name: INBOUND,
+            why: wrap(
+                "Domain bridges that policies open to networks outside the domains -> the chain \
+                 of those networks and ports.",
+            ),
+            type_: "ifname : verdict",
+            elements: plan
+                .inbound
+                .keys()
+                .map(|b| format!("{} : jump {}", quoted(b), inbound_chain_name(b)))
+                .collect(),
+        });
+    }
     if plan.logging.is_some() {
         for (name, chain_of, why) in [
             (
