@@ -110,7 +110,15 @@ fn apply_module(inv: &Invocation<Options>) -> anyhow::Result<Outcome> {
     let _lock = ApplyLock::acquire(&lock_path, timeout * LOCK_WAIT_TIMEOUTS)?;
 
     match opts.state.as_deref().unwrap_or("present") {
-        "present" => present(inv, &nft, &table, mode, router.as_deref(), &dest, &unit_paths),
+        "present" => present(
+            inv,
+            &nft,
+            &table,
+            mode,
+            router.as_deref(),
+            &dest,
+            &unit_paths,
+        ),
         "absent" => absent(inv, &nft, &table, &dest, &unit_paths),
         other => bail!("state {other:?} is unknown: use \"present\" or \"absent\""),
     }
