@@ -175,65 +175,6 @@ impl Listing {
             .collect()
     }
 
-    /// Our table's `<selectors> @set accept` rules in base chains: (hook,
-    /// the selectors of the set key, the set's elements).
-    pub fn set_accept_rules(&self, table: &str) -> Vec<(String, Vec<Value>, Vec<Value>)> {
-        #[derive(Deserialize)]
-        struct Match {
-            op: String,
-            left: Value,
-            right: Value,
-        }
-        let ours: Vec<(&str, &Object)> = self.of_table(table).collect();
-        let hook_of = |chain: &str| {
-            ours.iter()
-                .find(|(kind, o)| *kind == "chain" && o.name.as_deref() == Some(chain))
-                .and_then(|(_, o)| o.hook.clone())
-        };
-        let elements_of = |set: &str| {
-            ours.iter()
-                .find(|(kind, o)| *kind == "set" && o.name.as_deref() == Some(set))
-                .map(|(_, o)| {
-                    o.rest
-                        .get("elem")
-                        .and_then(Value::as_array)
-                        .cloned()
-                        .unwrap_or_default()
-                })
-        };
-        let mut out = Vec::new();
-        for (kind, rule) in &ours {
-            if *kind != "rule" || !rule.expr.iter().any(|s| s.contains_key("accept")) {
-                continue;
-            }
-            let Some(hook) = rule.chain.as_deref().and_then(hook_of) else {
-                continue;
-            };
-            for m in rule
-                .expr
-                .iter()
-                .filter_map(|s| s.get("match"))
-                .filter_map(|m| serde_json::from_value::<Match>(m.clone()).ok())
-            {
-                let Some(set) = m.right.as_str().and_then(|r| r.strip_prefix('@')) else {
-                    continue;
-                };
-                if m.op != "==" && m.op != "in" {
-                    continue;
-                }
-                let Some(elements) = elements_of(set) else {
-                    continue;
-                };
-                let selectors = match m.left.get("concat").and_then(Value::as_array) {
-                    Some(parts) => parts.clone(),
-                    None => vec![m.left.clone()],
-                };
-                out.push((hook.clone(), selectors, elements));
-            }
-        }
-        out
-    }
-
     /// Our table's objects as canonical JSON (handles removed, set elements
     /// sorted): what the live table is compared with.
     pub fn table_canonical(&self, table: &str) -> Value {
