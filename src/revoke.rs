@@ -37,9 +37,12 @@
 //! whose subnet holds its source, its output interface the one holding its
 //! destination, and it is on the input hook when its destination is one of
 //! the host's addresses. An address on no interface leaves the interface
-//! unknown. Flows the host itself opened (its source is a host address)
-//! never cross forward or input as new: never cut. Pure: the runner lists
-//! conntrack and the interfaces.
+//! unknown, and so does an address several interfaces hold (link-local).
+//! Flows the host itself opened (its source is a host address) never cross
+//! forward or input as new: never cut. A NATed flow (its reply is not its
+//! original tuple reversed) or one to a group address (multicast,
+//! broadcast) may have taken either hook: unknown, never cut. Pure: the
+//! runner lists conntrack and the interfaces.
 
 use anyhow::Context;
 use ipnet::IpNet;
@@ -57,6 +60,9 @@ pub struct Flow {
     pub dst: IpAddr,
     pub sport: Option<u16>,
     pub dport: Option<u16>,
+    /// The reply is not the original tuple reversed (DNAT, SNAT,
+    /// masquerade): its original addresses do not say which hook it took.
+    pub nat: bool,
 }
 
 /// The host's interfaces and their addresses (`ip -j addr`).
@@ -67,12 +73,33 @@ pub struct Interfaces {
 }
 
 impl Interfaces {
+    /// The interface whose subnet holds `addr` (the longest prefix);
+    /// `None` when none does, or when several do (link-local addresses are
+    /// on every bridge): then the interface is unknown.
     fn holding(&self, addr: IpAddr) -> Option<&str> {
-        self.addresses
+        let holders: Vec<(&str, u8)> = self
+            .addresses
             .iter()
             .filter(|(_, net)| net.contains(&addr))
-            .max_by_key(|(_, net)| net.prefix_len())
-            .map(|(name, _)| name.as_str())
+            .map(|(name, net)| (name.as_str(), net.prefix_len()))
+            .collect();
+        let longest = holders.iter().map(|(_, len)| *len).max()?;
+        let mut names = holders
+            .iter()
+            .filter(|(_, len)| *len == longest)
+            .map(|(name, _)| *name);
+        let first = names.next()?;
+        names.all(|n| n == first).then_some(first)
+    }
+
+    /// Multicast, limited broadcast, or the broadcast address of one of the
+    /// host's IPv4 subnets: delivered locally, forwarded, or both.
+    fn is_group(&self, addr: IpAddr) -> bool {
+        addr.is_multicast()
+            || addr == IpAddr::from([255, 255, 255, 255])
+            || self.addresses.iter().any(|(_, net)| {
+                matches!(net, IpNet::V4(v4) if v4.prefix_len() < 31 && v4.broadcast() == addr)
+            })
     }
 
     fn is_local(&self, addr: IpAddr) -> bool {
@@ -405,6 +432,10 @@ impl Admission {
         if interfaces.is_local(flow.src) {
             // Opened by the host: output, not forward or input.
             return TableVerdict::Accept;
+        }
+        if flow.nat || interfaces.is_group(flow.dst) {
+            // Which hook it took (and its addresses there) is not known.
+            return TableVerdict::Unknown;
         }
         let input = interfaces.is_local(flow.dst);
         let packet = Packet {
@@ -810,6 +841,7 @@ mod tests {
             dst: dst.parse().unwrap(),
             sport: dport.map(|_| 40000),
             dport,
+            nat: false,
         }
     }
 
@@ -873,6 +905,35 @@ mod tests {
                 "{proto} {src} -> {dst}:{dport:?}"
             );
         }
+    }
+
+    #[test]
+    fn flows_whose_hook_or_interface_is_unknown_are_never_a_sure_drop() {
+        let t = table(HOST_PAIRS);
+        let mut ifs = host();
+        // perso -> anklume is a sure drop...
+        let f = flow("udp", "10.20.0.3", "10.30.0.4", Some(5));
+        assert_eq!(t.verdict(&f, &ifs), Drop);
+        // ...unless conntrack says it was NATed,
+        let nat = Flow {
+            nat: true,
+            ..f.clone()
+        };
+        assert_eq!(t.verdict(&nat, &ifs), Unknown);
+        // or it goes to a group address (broadcast of a subnet, multicast),
+        for dst in ["10.30.0.255", "224.0.0.251", "255.255.255.255"] {
+            let g = flow("udp", "10.20.0.3", dst, Some(5353));
+            assert_eq!(t.verdict(&g, &ifs), Unknown, "{dst}");
+        }
+        // or its source is on several interfaces (link-local).
+        ifs.addresses
+            .push(("net-perso".into(), "fe80::1/64".parse().unwrap()));
+        ifs.addresses
+            .push(("net-pro".into(), "fe80::2/64".parse().unwrap()));
+        let ll = flow("tcp", "fe80::9", "fd00:10::20", Some(1));
+        assert_eq!(t.verdict(&ll, &ifs), Unknown);
+        assert_eq!(ifs.holding("fe80::9".parse().unwrap()), None);
+        assert_eq!(ifs.holding("10.20.0.3".parse().unwrap()), Some("net-perso"));
     }
 
     #[test]
