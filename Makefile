@@ -66,13 +66,17 @@ build:
 
 # --- the lab -----------------------------------------------------------------
 
-.PHONY: lab-up lab-down lab-status
+.PHONY: lab-up lab-down lab-status record-fixtures
 lab-up: deps
 	lab/lab.sh up
 lab-down:
 	lab/lab.sh down
 lab-status:
 	lab/lab.sh status
+# Re-record the Incus JSON the tests parse (tests/fixtures/incus/) from the
+# lab's real daemon (after lab-up; read-only on Incus).
+record-fixtures:
+	lab/record-fixtures.sh
 
 # --- the main job ------------------------------------------------------------
 

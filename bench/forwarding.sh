@@ -10,29 +10,40 @@
 #   bridge  one drop rule per bridge plus one accept rule per policy,
 #   pair    one drop rule per ordered bridge pair (PAIR_N bridges: at N=1000
 #           it would be a million rules) plus the same accept rules.
-# The measured flow is a domain's egress to the "internet" (an uplink that is
-# not a domain bridge): the traffic that walks past every isolation rule.
+# Two flows are measured, each as new-connection rate (TCP) and small-packet
+# rate (64-byte UDP in one direction, so every packet is conntrack-new and
+# walks the chain):
+#   egress  a domain (net-d0) to the "internet" (an uplink that is not a
+#           domain bridge): the traffic that must walk past the isolation;
+#   policy  a domain (net-d0) to another domain (net-d1) on ports a port
+#           policy opens (tcp 5201, udp 5202): the cross-domain flow that is
+#           allowed.
+# P policies (default 10 per domain) are spread over distinct domain pairs;
+# net-d0 -> net-d1 gets the benchmark's policy on top of a generated one.
 #
-# Everything lives in three namespaces created here (ankb-a, ankb-b, ankb-r)
-# and is removed on exit; traffic stays between them. Root is needed.
+# Everything lives in four namespaces created here (ankb-a, ankb-b, ankb-c,
+# ankb-r) and is removed on exit; traffic stays between them. Root is needed.
 #
 #   bench/forwarding.sh            (or: make bench-forwarding)
-#   N=1000 PAIR_N=300 SECS=3 ROUNDS=3 bench/forwarding.sh
+#   N=1000 P=10000 PAIR_N=300 SECS=3 ROUNDS=3 bench/forwarding.sh
+#   VARIANTS="none sets" SECS=1 ROUNDS=1 bench/forwarding.sh    (a quick look)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 N=${N:-1000}
+P=${P:-$((N * 10))}
 PAIR_N=${PAIR_N:-300}
 SECS=${SECS:-3}
 ROUNDS=${ROUNDS:-3}
-NS_A=ankb-a NS_B=ankb-b NS_R=ankb-r
+read -r -a variants <<<"${VARIANTS:-bare none sets bridge pair}"
+NS_A=ankb-a NS_B=ankb-b NS_C=ankb-c NS_R=ankb-r
 TABLE=anklume_bench
 TMP=$(mktemp -d)
 PIDS=()
 
 cleanup() {
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for ns in "$NS_A" "$NS_B" "$NS_R"; do ip netns del "$ns" 2>/dev/null || true; done
+  for ns in "$NS_A" "$NS_B" "$NS_C" "$NS_R"; do ip netns del "$ns" 2>/dev/null || true; done
   rm -rf "$TMP"
 }
 trap cleanup EXIT
@@ -43,7 +54,7 @@ NETLOAD=$PWD/target/release/examples/netload
 RENDER=$PWD/target/release/incus_nftables_render
 
 # --- topology ---------------------------------------------------------------
-for ns in "$NS_A" "$NS_B" "$NS_R"; do ip netns add "$ns"; ip -n "$ns" link set lo up; done
+for ns in "$NS_A" "$NS_B" "$NS_C" "$NS_R"; do ip netns add "$ns"; ip -n "$ns" link set lo up; done
 r() { ip netns exec "$NS_R" "$@"; }
 echo "creating $N bridges in $NS_R" >&2
 seq 0 $((N - 1)) | sed 's/.*/link add net-d& type bridge/' | r ip -batch -
@@ -54,6 +65,13 @@ r ip link set va master net-d0 up
 ip -n "$NS_A" addr add 10.200.0.2/24 dev eth0
 ip -n "$NS_A" link set eth0 up
 ip -n "$NS_A" route add default via 10.200.0.1
+r ip link set net-d1 up
+r ip addr add 10.200.1.1/24 dev net-d1
+ip link add vc netns "$NS_R" type veth peer name eth0 netns "$NS_C"
+r ip link set vc master net-d1 up
+ip -n "$NS_C" addr add 10.200.1.2/24 dev eth0
+ip -n "$NS_C" link set eth0 up
+ip -n "$NS_C" route add default via 10.200.1.1
 ip link add upl netns "$NS_R" type veth peer name eth0 netns "$NS_B"
 r ip addr add 10.201.0.1/24 dev upl
 r ip link set upl up
@@ -63,11 +81,23 @@ ip -n "$NS_B" route add default via 10.201.0.1
 r sysctl -qw net.ipv4.ip_forward=1
 
 # --- rulesets -----------------------------------------------------------------
-python3 - "$N" "$PAIR_N" "$TMP" "$TABLE" <<'PY'
+python3 - "$N" "$P" "$PAIR_N" "$TMP" "$TABLE" <<'PY'
 import json, sys
-n, pair_n, tmp, table = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-policies = [{"from": f"d{i}", "to": f"d{(i * 7 + 1) % n}",
-             "ports": [1000 + i % 500, f"{20000 + i}-{20010 + i}"]} for i in range(n)]
+n, p, pair_n, tmp, table = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+# Policy i goes from d(i % n) to another domain chosen so that pairs differ;
+# two ports each, half TCP half UDP, plus the benchmark's own d0 -> d1 policy.
+policies = []
+for i in range(p):
+    a = i % n
+    b = (a + 1 + (i // n) * 7 + i * 13) % n
+    if b == a:
+        b = (a + 1) % n
+    policies.append({"from": f"d{a}", "to": f"d{b}", "protocol": ["tcp", "udp"][i % 2],
+                     "ports": [1000 + i % 500, f"{20000 + i % 30000}-{20010 + i % 30000}"]})
+policies.append({"description": "the measured flow", "from": "d0", "to": "d1",
+                 "protocol": "tcp", "ports": [5201]})
+policies.append({"description": "the measured flow", "from": "d0", "to": "d1",
+                 "protocol": "udp", "ports": [5202]})
 json.dump({"bridges": [f"net-d{i}" for i in range(n)], "policies": policies,
            "table": table, "output_path": f"{tmp}/sets.nft", "validate": "never"},
           open(f"{tmp}/args.json", "w"))
@@ -78,7 +108,8 @@ def linear(bridges, drops):
     for p in policies:
         a, b = p["from"][1:], p["to"][1:]
         if int(a) < bridges and int(b) < bridges:
-            out.append(f'\t\tiifname "net-d{a}" oifname "net-d{b}" tcp dport {{ {p["ports"][0]}, {p["ports"][1]} }} accept')
+            ports = ", ".join(str(x) for x in p["ports"])
+            out.append(f'\t\tiifname "net-d{a}" oifname "net-d{b}" meta l4proto {p["protocol"]} th dport {{ {ports} }} accept')
     out += drops
     out += ["\t}", "}"]
     return "\n".join(out) + "\n"
@@ -119,42 +150,49 @@ load() {  # load <variant>: prints the time to load (or remove) our table, in ms
   echo $(((t1 - t0) / 1000000))
 }
 
-measure() {  # measure <variant>: "load_ms conn_per_s udp_pps"
-  local load_ms conn sent recv
-  load_ms=$(load "$1")
-  ip netns exec "$NS_B" "$NETLOAD" tcp-serve 5201 $((SECS + 2)) & PIDS+=($!)
+flow() {  # flow <server ns> <server addr>: "conn_per_s udp_rx_pps"
+  local conn recv
+  ip netns exec "$1" "$NETLOAD" tcp-serve 5201 $((SECS + 2)) & PIDS+=($!)
   sleep 0.3
-  conn=$(ip netns exec "$NS_A" "$NETLOAD" tcp-connect 10.201.0.2:5201 "$SECS" | cut -d' ' -f1)
+  conn=$(ip netns exec "$NS_A" "$NETLOAD" tcp-connect "$2:5201" "$SECS" | cut -d' ' -f1)
   wait "${PIDS[-1]}" || true
-  ip netns exec "$NS_B" "$NETLOAD" udp-count 5202 $((SECS + 1)) >"$TMP/recv" & PIDS+=($!)
+  ip netns exec "$1" "$NETLOAD" udp-count 5202 $((SECS + 1)) >"$TMP/recv" & PIDS+=($!)
   sleep 0.3
-  sent=$(ip netns exec "$NS_A" "$NETLOAD" udp-send 10.201.0.2:5202 "$SECS" 64)
+  ip netns exec "$NS_A" "$NETLOAD" udp-send "$2:5202" "$SECS" 64 >/dev/null
   wait "${PIDS[-1]}" || true
   recv=$(<"$TMP/recv")
-  echo "$load_ms $conn $((recv / SECS)) $((sent / SECS))"
+  echo "$conn $((recv / SECS))"
 }
 
-variants=(bare none sets bridge pair)
+measure() {  # measure <variant>: "load_ms egress_conn egress_pps policy_conn policy_pps"
+  local load_ms
+  load_ms=$(load "$1")
+  echo "$load_ms $(flow "$NS_B" 10.201.0.2) $(flow "$NS_C" 10.200.1.2)"
+}
+
 declare -A results
 for round in $(seq 1 "$ROUNDS"); do
   for v in "${variants[@]}"; do
     line=$(measure "$v")
-    echo "round $round $v: load_ms conn/s udp_rx_pps udp_tx_pps = $line" >&2
+    echo "round $round $v: load_ms egress_conn/s egress_udp_pps policy_conn/s policy_udp_pps = $line" >&2
     results[$v]+="$line"$'\n'
   done
 done
 load bare >/dev/null
 
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR + 1) / 2)]}'; }
-printf '\n%-8s %10s %12s %14s %10s %10s\n' design load_ms conn_per_s udp64_rx_pps conn_ratio pps_ratio
-base_conn=$(printf '%s' "${results[none]}" | awk '{print $2}' | median)
-base_pps=$(printf '%s' "${results[none]}" | awk '{print $3}' | median)
+col() { printf '%s' "${results[$1]}" | awk -v c="$2" '{print $c}' | median; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b > 0) printf "%.2f", a / b; else print "-"}'; }
+printf '\n%-8s %8s | %-28s | %-28s\n' "" "" "egress (domain -> uplink)" "policy (domain -> domain, allowed)"
+printf '%-8s %8s | %7s %8s %5s %5s | %7s %8s %5s %5s\n' design load_ms conn/s udp_pps xconn xpps conn/s udp_pps xconn xpps
 for v in "${variants[@]}"; do
-  l=$(printf '%s' "${results[$v]}" | awk '{print $1}' | median)
-  c=$(printf '%s' "${results[$v]}" | awk '{print $2}' | median)
-  p=$(printf '%s' "${results[$v]}" | awk '{print $3}' | median)
-  printf '%-8s %10s %12s %14s %10s %10s\n' "$v" "$l" "$c" "$p" \
-    "$(awk -v a="$c" -v b="$base_conn" 'BEGIN {printf "%.2f", a / b}')" \
-    "$(awk -v a="$p" -v b="$base_pps" 'BEGIN {printf "%.2f", a / b}')"
+  l=$(col "$v" 1)
+  out=""
+  for c in 2 4; do
+    conn=$(col "$v" "$c") pps=$(col "$v" $((c + 1)))
+    base_conn=$(col none "$c") base_pps=$(col none $((c + 1)))
+    out+=$(printf ' | %7s %8s %5s %5s' "$conn" "$pps" "$(ratio "$conn" "$base_conn")" "$(ratio "$pps" "$base_pps")")
+  done
+  printf '%-8s %8s%s\n' "$v" "$l" "$out"
 done
-echo "(medians of $ROUNDS rounds of ${SECS}s; ratios against 'none' (Incus NAT only); $N bridges and $N policies, pair design at $PAIR_N bridges)"
+echo "(medians of $ROUNDS rounds of ${SECS}s; x = ratio against 'none' (Incus NAT only); $N bridges and $P policies, pair design at $PAIR_N bridges)"

@@ -11,7 +11,9 @@
 //! Run with `make bench` (root: namespaces). Nothing outside the throwaway
 //! namespaces and a temporary directory is touched.
 
-use anklume_isolation::model::{BridgePattern, DomainBridge, IfName, PolicySpec, TableName, World};
+use anklume_isolation::model::{
+    BridgePattern, DomainBridge, GatewayServices, IfName, PolicySpec, TableName, World,
+};
 use anklume_isolation::plan::{Capabilities, HostPlan, HostPlanInput};
 use anklume_isolation::render;
 use serde_json::json;
@@ -61,6 +63,7 @@ fn render_ruleset(bridges: &[DomainBridge], specs: &[PolicySpec]) -> String {
         bridges,
         admin: None,
         policies: resolved,
+        gateway: GatewayServices::defaults(),
         logging: None,
         capabilities: Capabilities::ALL,
     })

@@ -805,12 +805,14 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    /// Real `nft -j list table inet anklume` listings (nft 1.0.6) of the
-    /// goldens: the host table with pair chains (issue 6), the host table
-    /// with sets (before it), the firewall router's table.
+    /// Real `nft -j list table inet anklume` listings (nft 1.0.6, loaded in
+    /// `unshare -rn`) of the goldens: the host table with pair chains
+    /// (issue 6), the host table with sets (before it), the firewall
+    /// router's tables (sets, pair chains).
     const HOST_PAIRS: &str = include_str!("../tests/fixtures/revoke/host-pairs.json");
     const HOST_SETS: &str = include_str!("../tests/fixtures/revoke/host-sets.json");
     const ROUTER: &str = include_str!("../tests/fixtures/revoke/router.json");
+    const ROUTER_PAIRS: &str = include_str!("../tests/fixtures/revoke/router-pairs.json");
 
     fn table(listing: &str) -> Admission {
         Admission::of(&serde_json::from_str(listing).unwrap(), "anklume").unwrap()
@@ -892,6 +894,11 @@ mod tests {
     #[test]
     fn router_chains_with_policy_drop_and_a_deny_map() {
         check(&table(ROUTER), &interfaces(ROUTER_SUBNETS), ROUTER_CASES);
+        check(
+            &table(ROUTER_PAIRS),
+            &interfaces(ROUTER_SUBNETS),
+            ROUTER_PAIRS_CASES,
+        );
     }
 
     #[test]

@@ -4,11 +4,14 @@
 //! so a quoting or syntax slip cannot hide behind a substring test.
 //!
 //! After an intended change to the output: `UPDATE_GOLDEN=1 cargo test
-//! --test golden`, then review the diff of `tests/golden/`.
+//! --test golden` writes the files and fails (so a changed golden file is
+//! never accepted by a green run); review the diff of `tests/golden/`, then
+//! run the test again without it.
 
 use anklume_isolation::model::logging::RawLogging;
 use anklume_isolation::model::{
-    BridgePattern, DomainBridge, IfName, LogSettings, Machine, Name, PolicySpec, TableName, World,
+    BridgePattern, DomainBridge, GatewayServices, IfName, LogSettings, Machine, Name, PolicySpec,
+    TableName, World,
 };
 use anklume_isolation::plan::{Capabilities, HostPlan, HostPlanInput};
 use anklume_isolation::render;
@@ -41,13 +44,14 @@ impl Case {
 }
 
 fn machine(name: &str, bridge: &str, v4: &[&str], v6: &[&str]) -> Machine {
-    Machine {
-        name: Name::new("machine", name).unwrap(),
-        project: "default".into(),
-        bridge: IfName::new(bridge).unwrap(),
-        ipv4: v4.iter().map(|a| a.parse().unwrap()).collect(),
-        ipv6: v6.iter().map(|a| a.parse().unwrap()).collect(),
-    }
+    let mut m = Machine::new(
+        Name::new("machine", name).unwrap(),
+        "default",
+        IfName::new(bridge).unwrap(),
+    );
+    m.ipv4 = v4.iter().map(|a| a.parse().unwrap()).collect();
+    m.ipv6 = v6.iter().map(|a| a.parse().unwrap()).collect();
+    m
 }
 
 fn render_case(case: &Case) -> String {
@@ -71,6 +75,7 @@ fn render_case(case: &Case) -> String {
         bridges: &bridges,
         admin: case.admin.map(|a| IfName::new(a).unwrap()),
         policies,
+        gateway: GatewayServices::defaults(),
         logging,
         capabilities: case.capabilities,
     })
@@ -108,8 +113,36 @@ fn cases() -> Vec<Case> {
         Case {
             admin: Some("net-anklume"),
             logging: true,
-            policies: json!([{"from": "pro", "to": "perso", "ports": [443]}]),
+            policies: json!([
+                {"from": "pro", "to": "perso", "ports": [443]},
+                {"from": "perso", "to": "host", "ports": [2223]}
+            ]),
             ..Case::new("logging")
+        },
+        // Found by fuzzing: overlapping and adjacent ports, in one policy and
+        // across policies between the same ends, and a domain and a machine
+        // of it on the same pair (nft refuses overlapping set elements).
+        Case {
+            machines: vec![
+                machine("nas", "net-perso", &["10.20.0.10"], &["fd00:20::10"]),
+                machine("backup", "net-pro", &["10.10.0.20"], &["fd00:10::20"]),
+            ],
+            policies: json!([
+                {"from": "pro", "to": "perso", "ports": [22, "1-1024"]},
+                {"from": "pro", "to": "perso", "ports": [443]},
+                {"from": "pro", "to": "perso", "ports": [1025, "2000-2010", "2005-2020"]},
+                {"from": "pro", "to": "perso", "ports": [53], "protocol": "udp"},
+                {"from": "backup", "to": "nas", "ports": [22, "20-30"]},
+                {"from": "backup", "to": "nas", "ports": [31]},
+                {"from": "pro", "to": "nas", "ports": [8080]},
+                {"from": "pro", "to": "nas", "ports": ["8000-8100"]},
+                {"from": "backup", "to": "perso", "ports": "all"},
+                {"from": "backup", "to": "nas", "ports": "all"},
+                {"from": "perso", "to": "host", "ports": [53, "50-60"], "protocol": "udp"},
+                {"from": "nas", "to": "host", "ports": [22]},
+                {"from": "nas", "to": "host", "ports": ["1-100"]}
+            ]),
+            ..Case::new("overlaps")
         },
         Case {
             logging: true,
@@ -156,13 +189,22 @@ fn golden_rulesets_match_and_pass_nft_check() {
     for case in cases() {
         let text = render_case(&case);
         let path = dir.join(format!("{}.nft", case.name));
-        if update {
-            std::fs::write(&path, &text).unwrap();
-        }
         match std::fs::read_to_string(&path) {
             Ok(golden) if golden == text => {}
+            Ok(_) | Err(_) if update => {
+                std::fs::write(&path, &text).unwrap();
+                // Fail anyway: a changed golden file is reviewed in the diff,
+                // never accepted by a green run.
+                failures.push(format!(
+                    "{}: wrote {} (UPDATE_GOLDEN): review `git diff tests/golden`, then run \
+                     the tests again without UPDATE_GOLDEN",
+                    case.name,
+                    path.display()
+                ));
+            }
             Ok(_) => failures.push(format!(
-                "{}: rendered text differs from {} (UPDATE_GOLDEN=1 to accept)",
+                "{}: rendered text differs from {} (UPDATE_GOLDEN=1 to write it, then review \
+                 the diff)",
                 case.name,
                 path.display()
             )),
@@ -189,4 +231,126 @@ fn nft_check_is_not_a_rubber_stamp() {
         1,
     );
     assert!(nft_check(&text).is_err());
+}
+
+/// The fuzz cases of issue 6, kept: random domains, machines and policies
+/// with overlapping and adjacent ports, in one policy and across policies
+/// between the same ends, domains and their machines on the same pairs. Every
+/// plan that builds must render a ruleset `nft -c` accepts; every refusal
+/// must name the entry. All rulesets go through one `nft -c`, one table each.
+#[test]
+fn fuzzed_policies_render_what_nft_accepts_or_are_refused_naming_the_entry() {
+    struct Rng(u64);
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n
+        }
+    }
+    let mut rng = Rng(0x5eed_0f15_5e06);
+    // nft -c in batches: one netlink message holds only so much.
+    let mut batches = vec![String::new()];
+    let (mut rendered, mut refused) = (0, 0);
+    for case in 0..300 {
+        let n = 2 + rng.below(4) as usize;
+        let pattern = BridgePattern::new("net-").unwrap();
+        let bridges: Vec<DomainBridge> = (0..n)
+            .map(|i| {
+                let mut b = DomainBridge::new(IfName::new(&format!("net-d{i}")).unwrap(), &pattern)
+                    .unwrap();
+                b.ipv4 = Some(format!("10.{i}.0.1/24").parse().unwrap());
+                b.ipv6 = Some(format!("fd00:{i}::1/64").parse().unwrap());
+                b.subnets_known = true;
+                b
+            })
+            .collect();
+        let mut machines = Vec::new();
+        for i in 0..n {
+            for m in 0..rng.below(3) {
+                let v4 = format!("10.{i}.0.{}", 10 + m);
+                let v6 = format!("fd00:{i}::{}", 10 + m);
+                let six: &[&str] = if rng.below(2) == 0 { &[&v6] } else { &[] };
+                machines.push(machine(
+                    &format!("m{i}x{m}"),
+                    &format!("net-d{i}"),
+                    &[&v4],
+                    six,
+                ));
+            }
+        }
+        let mut names: Vec<String> = (0..n).map(|i| format!("d{i}")).collect();
+        names.extend(machines.iter().map(|m| m.name.to_string()));
+        names.push("host".into());
+        let mut policies = Vec::new();
+        for _ in 0..1 + rng.below(8) {
+            let from = names[rng.below(names.len() as u64) as usize].clone();
+            let to = names[rng.below(names.len() as u64) as usize].clone();
+            if from == "host" && to == "host" {
+                continue;
+            }
+            let ports: Value = if rng.below(6) == 0 {
+                json!("all")
+            } else {
+                (0..1 + rng.below(3))
+                    .map(|_| {
+                        let first = 1 + rng.below(30);
+                        match rng.below(3) {
+                            0 => json!(first),
+                            1 => json!(format!("{first}-{}", first + rng.below(20))),
+                            _ => json!(format!("1-{}", first + 10)),
+                        }
+                    })
+                    .collect()
+            };
+            let mut entry = json!({"from": from, "to": to, "ports": ports,
+                                   "bidirectional": rng.below(3) == 0});
+            if rng.below(2) == 0 {
+                entry["protocol"] = json!(["tcp", "udp"][rng.below(2) as usize]);
+            }
+            policies.push(entry);
+        }
+        let built = (|| -> anyhow::Result<String> {
+            let specs = PolicySpec::parse_all(&policies)?;
+            let mut machines = machines.clone();
+            anklume_isolation::model::confine_to_bridges(&mut machines, &bridges);
+            let world = World::new(&bridges, &machines);
+            let resolved = specs
+                .iter()
+                .map(|s| world.resolve(s))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let (plan, _) = HostPlan::build(HostPlanInput {
+                table: TableName::new(&format!("fuzz{case}")).unwrap(),
+                pattern: pattern.clone(),
+                bridges: &bridges,
+                admin: None,
+                policies: resolved,
+                gateway: GatewayServices::defaults(),
+                logging: None,
+                capabilities: Capabilities::ALL,
+            })?;
+            render::host(&plan)
+        })();
+        match built {
+            Ok(ruleset) => {
+                rendered += 1;
+                if rendered % 8 == 0 {
+                    batches.push(String::new());
+                }
+                batches.last_mut().unwrap().push_str(&ruleset);
+            }
+            Err(err) => {
+                refused += 1;
+                let msg = format!("{err:#}");
+                assert!(msg.contains("network policy #"), "case {case}: {msg}");
+            }
+        }
+    }
+    assert!(rendered > 250, "{rendered} rendered, {refused} refused");
+    for batch in &batches {
+        if let Err(err) = nft_check(batch) {
+            panic!("nft -c refused a fuzzed ruleset:\n{err}");
+        }
+    }
 }

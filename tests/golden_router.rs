@@ -55,13 +55,15 @@ fn interfaces() -> Vec<FirewallInterface> {
 fn render_case(case: &Case) -> String {
     let ifaces = interfaces();
     let bridges: Vec<DomainBridge> = ifaces.iter().map(|i| i.domain_bridge()).collect();
-    let machines = vec![Machine {
-        name: Name::new("machine", "nas").unwrap(),
-        project: "default".into(),
-        bridge: IfName::new("net-perso").unwrap(),
-        ipv4: ["10.251.12.10".parse().unwrap()].into(),
-        ipv6: ["fd42:251:12::10".parse().unwrap()].into(),
-    }];
+    let mut nas = Machine::new(
+        Name::new("machine", "nas").unwrap(),
+        "default",
+        IfName::new("net-perso").unwrap(),
+    );
+    nas.ipv4 = ["10.251.12.10".parse().unwrap()].into();
+    nas.ipv6 = ["fd42:251:12::10".parse().unwrap()].into();
+    (nas.ipv4_filtering, nas.ipv6_filtering) = (true, true);
+    let machines = vec![nas];
     let world = World::new(&bridges, &machines);
     let specs = PolicySpec::parse_all(case.policies.as_array().unwrap()).unwrap();
     let policies = specs.iter().map(|s| world.resolve(s).unwrap()).collect();
@@ -90,6 +92,18 @@ fn cases() -> Vec<Case> {
                 {"from": "perso", "to": "pro", "ports": "all", "bidirectional": true}
             ]),
             ..Case::new("router-policies")
+        },
+        // The same policies without the port-less pair that subsumes them:
+        // each pair jumps to its own chain of exceptions.
+        Case {
+            policies: json!([
+                {"from": "pro", "to": "perso", "ports": [8080, "9000-9010"], "protocol": "tcp"},
+                {"from": "pro", "to": "nas", "ports": [22]},
+                {"from": "nas", "to": "pro", "ports": "all"},
+                {"from": "nas", "to": "anklume", "ports": [53], "protocol": "udp",
+                 "bidirectional": true}
+            ]),
+            ..Case::new("router-pairs")
         },
         Case {
             admin: None,

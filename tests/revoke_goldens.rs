@@ -124,4 +124,6 @@ fn the_host_golden_as_loaded_gives_the_recorded_verdicts() {
 fn the_router_golden_as_loaded_gives_the_recorded_verdicts() {
     let table = loaded("r", "router-policies.nft");
     check(&table, ROUTER_SUBNETS, ROUTER_CASES);
+    let table = loaded("p", "router-pairs.nft");
+    check(&table, ROUTER_SUBNETS, ROUTER_PAIRS_CASES);
 }

@@ -12,7 +12,9 @@
 
 use anklume_isolation::model::firewall::FirewallInterface;
 use anklume_isolation::model::logging::RawLogging;
-use anklume_isolation::model::{BridgePattern, DomainBridge, IfName, PolicySpec, TableName, World};
+use anklume_isolation::model::{
+    BridgePattern, DomainBridge, GatewayServices, IfName, PolicySpec, TableName, World,
+};
 use anklume_isolation::plan::router::{router_logging, RouterPlan, RouterPlanInput};
 use anklume_isolation::plan::{Capabilities, HostPlan, HostPlanInput};
 use anklume_isolation::render;
@@ -171,6 +173,7 @@ impl World3 {
             bridges: &bridges,
             admin: None,
             policies: vec![],
+            gateway: GatewayServices::defaults(),
             logging: None,
             capabilities: Capabilities::ALL,
         })

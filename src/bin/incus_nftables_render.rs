@@ -6,7 +6,8 @@
 use anklume_isolation::model::firewall::{parse_interfaces, FirewallInterface, RawInterface};
 use anklume_isolation::model::logging::RawLogging;
 use anklume_isolation::model::{
-    BridgePattern, DomainBridge, EndpointRef, IfName, LogSettings, PolicySpec, TableName, World,
+    confine_to_bridges, BridgePattern, DomainBridge, EndpointRef, GatewayServices, IfName,
+    LogSettings, PolicySpec, TableName, World,
 };
 use anklume_isolation::module::{self, Diff, Invocation, ModuleOptions, Outcome};
 use anklume_isolation::plan::router::{router_logging, RouterPlan, RouterPlanInput};
@@ -40,6 +41,7 @@ struct Options {
     project: Option<String>,
     interfaces: Option<Vec<RawInterface>>,
     icmp: Option<bool>,
+    gateway_services: Option<Vec<String>>,
 }
 
 impl ModuleOptions for Options {
@@ -56,6 +58,7 @@ impl ModuleOptions for Options {
         "project",
         "interfaces",
         "icmp",
+        "gateway_services",
     ];
 }
 
@@ -116,10 +119,15 @@ fn render_module(inv: &Invocation<Options>) -> anyhow::Result<Outcome> {
         Some(_) => router_logging(&raw_logging)?,
         None => LogSettings::from_raw(&raw_logging)?,
     };
+    let gateway = match &opts.gateway_services {
+        Some(entries) => GatewayServices::parse(entries).context("option `gateway_services`")?,
+        None => GatewayServices::defaults(),
+    };
 
     // Discover: the bridges, and the machines only when a policy names one.
     let incus = || Incus::find();
-    let bridges: Vec<DomainBridge> = match explicit_bridges {
+    let explicit = explicit_bridges.is_some();
+    let mut bridges: Vec<DomainBridge> = match explicit_bridges {
         _ if router.is_some() => router
             .iter()
             .flatten()
@@ -137,14 +145,23 @@ fn render_module(inv: &Invocation<Options>) -> anyhow::Result<Outcome> {
             .into_iter()
             .any(|end| matches!(end, EndpointRef::Named(n) if !domain_names.contains(n.as_str())))
     });
-    let machines = if names_a_machine {
+    let mut machines = if names_a_machine {
+        let incus = incus().context(
+            "a network policy names something that is not a domain, so machines must be \
+             looked up in Incus",
+        )?;
+        // Explicit bridges skip discovery, but a machine's addresses are
+        // only trusted inside its bridge's subnets: learn those of the
+        // listed bridges Incus manages (the others stay unchecked, and say so).
+        if explicit {
+            incus.fill_subnets(&mut bridges)?;
+        }
         let bridge_set = bridges.iter().map(|b| b.bridge.clone()).collect();
-        incus()
-            .context("a network policy names something that is not a domain, so machines must be looked up in Incus")?
-            .machines(opts.project.as_deref(), &bridge_set)?
+        incus.machines(opts.project.as_deref(), &bridge_set)?
     } else {
         Vec::new()
     };
+    confine_to_bridges(&mut machines, &bridges);
     let world = World::new(&bridges, &machines);
     let policies = specs
         .iter()
@@ -161,17 +178,23 @@ fn render_module(inv: &Invocation<Options>) -> anyhow::Result<Outcome> {
         )?),
     };
     let capabilities = nft.as_ref().map_or(Capabilities::ALL, Nft::probe);
-    let (report, content, mut warnings) = match &router {
+    let mut warnings: Vec<String> = policies
+        .iter()
+        .flat_map(|p| p.warnings.iter().cloned())
+        .collect();
+    let (report, content) = match &router {
         None => {
-            let (plan, warnings) = HostPlan::build(HostPlanInput {
+            let (plan, plan_warnings) = HostPlan::build(HostPlanInput {
                 table,
                 pattern,
                 bridges: &bridges,
                 admin,
                 policies,
+                gateway,
                 logging,
                 capabilities,
             })?;
+            warnings.extend(plan_warnings);
             let content = render::host(&plan)?;
             let report = Report {
                 bridges: plan.bridges().cloned().collect(),
@@ -180,10 +203,10 @@ fn render_module(inv: &Invocation<Options>) -> anyhow::Result<Outcome> {
                 admin: plan.admin.clone(),
                 logging: plan.logging.is_some(),
             };
-            (report, content, warnings)
+            (report, content)
         }
         Some(interfaces) => {
-            let (plan, warnings) = RouterPlan::build(RouterPlanInput {
+            let (plan, plan_warnings) = RouterPlan::build(RouterPlanInput {
                 table,
                 pattern,
                 interfaces,
@@ -193,6 +216,7 @@ fn render_module(inv: &Invocation<Options>) -> anyhow::Result<Outcome> {
                 icmp: opts.icmp.unwrap_or(true),
                 capabilities,
             })?;
+            warnings.extend(plan_warnings);
             let content = render::router::router(&plan)?;
             let report = Report {
                 bridges: bridges.iter().map(|b| b.bridge.clone()).collect(),
@@ -201,7 +225,7 @@ fn render_module(inv: &Invocation<Options>) -> anyhow::Result<Outcome> {
                 admin,
                 logging: plan.logging.is_some(),
             };
-            (report, content, warnings)
+            (report, content)
         }
     };
     if let Some(nft) = &nft {
@@ -232,6 +256,15 @@ fn render_module(inv: &Invocation<Options>) -> anyhow::Result<Outcome> {
         .set("bridges", &report.bridges)
         .set("domains", &report.domains)
         .set("policies", &report.policies)
+        .set(
+            "gateway_services",
+            opts.gateway_services.clone().unwrap_or_else(|| {
+                anklume_isolation::model::gateway::DEFAULT_GATEWAY_SERVICES
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect()
+            }),
+        )
         .set("validated", nft.is_some())
         .set("capabilities", capabilities)
         .set(

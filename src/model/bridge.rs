@@ -14,6 +14,12 @@ pub struct DomainBridge {
     pub ipv4: Option<Ipv4Net>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ipv6: Option<Ipv6Net>,
+    /// Whether `ipv4`/`ipv6` were read from Incus (then `None` means the
+    /// bridge has no subnet in that family). A bridge given in an explicit
+    /// `bridges` list that Incus does not manage has unknown subnets: the
+    /// addresses of its machines cannot be checked against them.
+    #[serde(skip)]
+    pub subnets_known: bool,
 }
 
 impl DomainBridge {
@@ -24,6 +30,7 @@ impl DomainBridge {
             domain,
             ipv4: None,
             ipv6: None,
+            subnets_known: false,
         })
     }
 }

@@ -8,7 +8,7 @@ use super::policy::{EndpointRef, PolicySpec, Traffic};
 use anyhow::{bail, Context};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// An instance attached to a domain bridge, with the addresses it holds there.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -18,6 +18,63 @@ pub struct Machine {
     pub bridge: IfName,
     pub ipv4: BTreeSet<Ipv4Addr>,
     pub ipv6: BTreeSet<Ipv6Addr>,
+    /// `security.ipv4_filtering` / `security.ipv6_filtering` on its NIC:
+    /// Incus then drops what it sends from an address that is not its own,
+    /// so no other instance on the bridge can take its address.
+    pub ipv4_filtering: bool,
+    pub ipv6_filtering: bool,
+    /// Addresses it reported outside the subnets of its own bridge, left
+    /// out by [`confine_to_bridges`] (anyone root inside an instance can add
+    /// one; it must never open another domain's address).
+    #[serde(skip_serializing_if = "BTreeSet::is_empty")]
+    pub ignored: BTreeSet<IpAddr>,
+    /// False when its bridge's subnets are unknown (an explicit `bridges`
+    /// entry Incus does not manage): its addresses are taken as reported.
+    pub addresses_checked: bool,
+}
+
+impl Machine {
+    /// A machine with addresses as given, nothing checked yet.
+    pub fn new(name: Name, project: &str, bridge: IfName) -> Machine {
+        Machine {
+            name,
+            project: project.to_string(),
+            bridge,
+            ipv4: BTreeSet::new(),
+            ipv6: BTreeSet::new(),
+            ipv4_filtering: false,
+            ipv6_filtering: false,
+            ignored: BTreeSet::new(),
+            addresses_checked: false,
+        }
+    }
+}
+
+/// A machine is its addresses inside the subnets of its own bridge: every
+/// other address it reports is moved to `ignored`. The gateway (the host's
+/// own address on the bridge) is never a machine's address either.
+pub fn confine_to_bridges(machines: &mut [Machine], bridges: &[DomainBridge]) {
+    for m in machines {
+        let Some(b) = bridges.iter().find(|b| b.bridge == m.bridge) else {
+            continue;
+        };
+        if !b.subnets_known {
+            m.addresses_checked = false;
+            continue;
+        }
+        m.addresses_checked = true;
+        let (v4, v6) = (b.ipv4, b.ipv6);
+        let keep4 = |a: &Ipv4Addr| v4.is_some_and(|n| n.trunc().contains(a) && n.addr() != *a);
+        let keep6 = |a: &Ipv6Addr| v6.is_some_and(|n| n.trunc().contains(a) && n.addr() != *a);
+        let (in4, out4): (BTreeSet<Ipv4Addr>, BTreeSet<Ipv4Addr>) =
+            m.ipv4.iter().partition(|a| keep4(a));
+        let (in6, out6): (BTreeSet<Ipv6Addr>, BTreeSet<Ipv6Addr>) =
+            m.ipv6.iter().partition(|a| keep6(a));
+        m.ignored.extend(out4.into_iter().map(IpAddr::V4));
+        m.ignored.extend(out6.into_iter().map(IpAddr::V6));
+        m.ipv4 = in4;
+        m.ipv6 = in6;
+    }
 }
 
 /// A resolved side of a policy.
@@ -56,6 +113,10 @@ pub struct ResolvedPolicy {
     pub to: Endpoint,
     pub traffic: Traffic,
     pub bidirectional: bool,
+    /// What the operator should know about how its names resolved
+    /// (addresses ignored or unchecked, NICs without address filtering).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// What names can resolve to.
@@ -86,6 +147,13 @@ impl<'a> World<'a> {
             self.resolve_ref(r)
                 .with_context(|| format!("{}: `{side}`", spec.label()))
         };
+        let mut warnings = Vec::new();
+        for r in [&spec.from, &spec.to] {
+            if let Some([m]) = self.machine_named(r) {
+                warnings.extend(machine_warnings(m).map(|w| format!("{}: {w}", spec.label())));
+            }
+        }
+        warnings.dedup();
         Ok(ResolvedPolicy {
             position: spec.position,
             description: spec.description.clone(),
@@ -93,7 +161,17 @@ impl<'a> World<'a> {
             to: resolve("to", &spec.to)?,
             traffic: spec.traffic.clone(),
             bidirectional: spec.bidirectional,
+            warnings,
         })
+    }
+
+    fn machine_named(&self, r: &EndpointRef) -> Option<&[&'a Machine]> {
+        match r {
+            EndpointRef::Named(name) if !self.domains.contains_key(name.as_str()) => {
+                self.machines.get(name.as_str()).map(Vec::as_slice)
+            }
+            _ => None,
+        }
     }
 
     fn resolve_ref(&self, r: &EndpointRef) -> anyhow::Result<Endpoint> {
@@ -113,6 +191,16 @@ impl<'a> World<'a> {
                 bridge: d.bridge.clone(),
             }),
             (None, Some([m])) => {
+                if m.ipv4.is_empty() && m.ipv6.is_empty() && !m.ignored.is_empty() {
+                    let list: Vec<String> = m.ignored.iter().map(IpAddr::to_string).collect();
+                    bail!(
+                        "machine \"{name}\" has no address on {}: it only reports {}, outside \
+                         the subnets of its bridge (ignored); give it an address on {}",
+                        m.bridge,
+                        list.join(", "),
+                        m.bridge
+                    );
+                }
                 if m.ipv4.is_empty() && m.ipv6.is_empty() {
                     bail!(
                         "machine \"{name}\" has no address on {}: start it or give its NIC a \
@@ -143,5 +231,92 @@ impl<'a> World<'a> {
                 )
             }
         }
+    }
+}
+
+/// What is not exact about a machine a policy names.
+fn machine_warnings(m: &Machine) -> impl Iterator<Item = String> {
+    let name = &m.name;
+    let bridge = &m.bridge;
+    let mut out = Vec::new();
+    if !m.ignored.is_empty() {
+        let list: Vec<String> = m.ignored.iter().map(IpAddr::to_string).collect();
+        out.push(format!(
+            "machine \"{name}\" reports {} outside the subnets of its bridge {bridge}: ignored \
+             (a machine is only its addresses on its own bridge)",
+            list.join(", ")
+        ));
+    }
+    if !m.addresses_checked {
+        out.push(format!(
+            "machine \"{name}\" is on {bridge}, whose subnets are unknown (an explicit `bridges` \
+             entry that Incus does not manage): its addresses are taken as it reports them, not \
+             checked against the bridge"
+        ));
+    }
+    for (family, used, filtering) in [
+        ("ipv4", !m.ipv4.is_empty(), m.ipv4_filtering),
+        ("ipv6", !m.ipv6.is_empty(), m.ipv6_filtering),
+    ] {
+        if used && !filtering {
+            out.push(format!(
+                "machine \"{name}\" has no security.{family}_filtering on its NIC on {bridge}: \
+                 another instance on {bridge} can take its {family} address and get what the \
+                 policy opens to it (set security.{family}_filtering=true on the NIC)"
+            ));
+        }
+    }
+    out.into_iter()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::names::BridgePattern;
+
+    #[test]
+    fn a_machine_is_only_its_addresses_on_its_own_bridge() {
+        let pattern = BridgePattern::new("net-").unwrap();
+        let mut perso = DomainBridge::new(IfName::new("net-perso").unwrap(), &pattern).unwrap();
+        perso.ipv4 = Some("10.20.0.1/24".parse().unwrap());
+        perso.ipv6 = Some("fd00:20::1/64".parse().unwrap());
+        perso.subnets_known = true;
+        let explicit = DomainBridge::new(IfName::new("br-x").unwrap(), &pattern).unwrap();
+        let mut nas = Machine::new(
+            Name::new("machine", "nas").unwrap(),
+            "lab",
+            IfName::new("net-perso").unwrap(),
+        );
+        nas.ipv4 = ["10.20.0.7", "10.30.0.7", "10.20.0.1"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        nas.ipv6 = ["fd00:20::7", "fd00:30::7"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        let mut other = Machine::new(
+            Name::new("machine", "x").unwrap(),
+            "lab",
+            IfName::new("br-x").unwrap(),
+        );
+        other.ipv4.insert("192.0.2.9".parse().unwrap());
+        let mut machines = [nas, other];
+        confine_to_bridges(&mut machines, &[perso, explicit]);
+        let [nas, other] = &machines;
+        assert_eq!(nas.ipv4, BTreeSet::from(["10.20.0.7".parse().unwrap()]));
+        assert_eq!(nas.ipv6, BTreeSet::from(["fd00:20::7".parse().unwrap()]));
+        let ignored: Vec<String> = nas.ignored.iter().map(|a| a.to_string()).collect();
+        assert_eq!(ignored, ["10.20.0.1", "10.30.0.7", "fd00:30::7"]);
+        assert!(nas.addresses_checked);
+        let warnings: Vec<String> = machine_warnings(nas).collect();
+        assert!(warnings[0].contains("10.30.0.7") && warnings[0].contains("ignored"));
+        assert!(warnings
+            .iter()
+            .any(|w| w.contains("security.ipv4_filtering")));
+        // Unknown subnets: kept as reported, and said so.
+        assert!(!other.addresses_checked);
+        assert_eq!(other.ipv4.len(), 1);
+        assert!(machine_warnings(other).any(|w| w.contains("not checked")));
     }
 }

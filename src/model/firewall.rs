@@ -173,6 +173,9 @@ impl FirewallInterface {
             domain: self.domain.clone(),
             ipv4: self.ipv4,
             ipv6: self.ipv6,
+            // The interface's networks are the bridge's, read from Incus
+            // by incus_firewall_vm_profile: `None` means no subnet there.
+            subnets_known: true,
         }
     }
 }

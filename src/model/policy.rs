@@ -81,7 +81,7 @@ impl PortSpan {
         (self.first..=self.last).contains(&port)
     }
 
-    fn parse_text(text: &str) -> anyhow::Result<Self> {
+    pub(crate) fn parse_text(text: &str) -> anyhow::Result<Self> {
         let number = |part: &str| -> anyhow::Result<u64> {
             part.trim()
                 .parse::<u64>()
@@ -95,6 +95,25 @@ impl PortSpan {
             }
         }
     }
+}
+
+/// Merges overlapping and adjacent spans (`22`, `1-1024`, `1025` become
+/// `1-1025`). nft refuses interval elements that overlap ("File exists"), so
+/// every port list reaches a set through this; the operator's report keeps
+/// the spans as written.
+pub fn merge_spans<'a>(spans: impl IntoIterator<Item = &'a PortSpan>) -> Vec<PortSpan> {
+    let mut sorted: Vec<PortSpan> = spans.into_iter().copied().collect();
+    sorted.sort();
+    let mut merged: Vec<PortSpan> = Vec::with_capacity(sorted.len());
+    for span in sorted {
+        match merged.last_mut() {
+            Some(last) if u32::from(span.first) <= u32::from(last.last) + 1 => {
+                last.last = last.last.max(span.last);
+            }
+            _ => merged.push(span),
+        }
+    }
+    merged
 }
 
 impl fmt::Display for PortSpan {
@@ -414,6 +433,37 @@ mod tests {
             assert!(err.starts_with("network policy #1"), "{err}");
             assert!(err.contains(expected), "{entry}: {err}");
         }
+    }
+
+    #[test]
+    fn overlapping_and_adjacent_spans_merge() {
+        let spans = |list: &[(u64, u64)]| -> Vec<PortSpan> {
+            list.iter()
+                .map(|(a, b)| PortSpan::new(*a, *b).unwrap())
+                .collect()
+        };
+        let shown = |v: Vec<PortSpan>| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            shown(merge_spans(&spans(&[(22, 22), (1, 1024)]))),
+            ["1-1024"]
+        );
+        assert_eq!(
+            shown(merge_spans(&spans(&[
+                (443, 443),
+                (1, 442),
+                (8080, 8080),
+                (8081, 8090)
+            ]))),
+            ["1-443", "8080-8090"]
+        );
+        assert_eq!(
+            shown(merge_spans(&spans(&[(10, 20), (22, 30), (65535, 65535)]))),
+            ["10-20", "22-30", "65535"]
+        );
+        assert_eq!(
+            shown(merge_spans(&spans(&[(1, 65535), (65535, 65535)]))),
+            ["1-65535"]
+        );
     }
 
     #[test]

@@ -1,12 +1,12 @@
-//! A pure evaluator of a plan: the verdict the rendered ruleset gives a
-//! packet. It mirrors the rule order of `render::host` line for line, so the
-//! property tests can compare "what the plan does" with "what the policies
-//! say" without a kernel, and the golden and lab tests tie the rendered text
-//! back to the kernel.
+//! A pure evaluator of a plan: the verdict its ruleset gives a packet. It
+//! walks the chains and rules of [`HostPlan::chains`], the same list the
+//! renderer writes, so the property tests check the rules the kernel gets
+//! (and the golden tests send real packets through the rendered text to
+//! compare with this evaluator).
 
-use super::{AddressSets, HostPlan};
+use super::rules::{Action, Chain, Cond, Family, FibSel, IfSel, FORWARD_CHAIN, INPUT_CHAIN};
+use super::{HostAddrExceptions, HostPlan, PortSet};
 use crate::model::Protocol;
-use ipnet::{Ipv4Net, Ipv6Net};
 use std::net::IpAddr;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,14 +20,18 @@ pub enum CtState {
 pub enum L4 {
     Tcp(u16),
     Udp(u16),
+    /// ICMP or ICMPv6 echo request.
     Icmp,
+    /// ICMPv6 neighbour solicitation (IPv6 only).
+    Nd,
 }
 
 impl L4 {
-    fn port(self, proto: Protocol) -> Option<u16> {
-        match (self, proto) {
-            (L4::Tcp(p), Protocol::Tcp) | (L4::Udp(p), Protocol::Udp) => Some(p),
-            _ => None,
+    fn in_ports(self, set: &PortSet) -> bool {
+        match self {
+            L4::Tcp(p) => set.contains(Protocol::Tcp, p),
+            L4::Udp(p) => set.contains(Protocol::Udp, p),
+            L4::Icmp | L4::Nd => false,
         }
     }
 }
@@ -43,14 +47,24 @@ pub struct Forwarded<'a> {
     pub ct: CtState,
 }
 
+/// Where a packet to the host is addressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostDst {
+    /// The host's address on the bridge it came in on (its gateway).
+    Gateway,
+    /// Another of the host's addresses (a gateway on another bridge, the
+    /// uplink's address).
+    Elsewhere,
+    Broadcast,
+    Multicast,
+}
+
 /// A packet addressed to the host itself (input hook).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ToHost<'a> {
     pub iif: &'a str,
     pub src: IpAddr,
-    /// Whether the destination is one of the host's addresses on `iif`
-    /// itself (its gateway on that bridge), as `fib daddr . iif` tells.
-    pub dst_on_iif: bool,
+    pub dst: HostDst,
     pub l4: L4,
     pub ct: CtState,
 }
@@ -59,6 +73,18 @@ pub struct ToHost<'a> {
 pub enum Verdict {
     Accept,
     Drop,
+}
+
+/// What the rules look at, for either hook.
+struct Packet<'a> {
+    iif: &'a str,
+    /// Empty on the input hook, as nft's `oifname` is there.
+    oif: &'a str,
+    src: IpAddr,
+    dst: Option<IpAddr>,
+    host_dst: Option<HostDst>,
+    l4: L4,
+    ct: CtState,
 }
 
 impl HostPlan {
@@ -70,115 +96,167 @@ impl HostPlan {
         ifname.starts_with(self.pattern.as_str())
     }
 
-    /// The verdict of the `isolation` chain (forward hook).
+    fn selects(&self, sel: IfSel, ifname: &str) -> bool {
+        match sel {
+            IfSel::Known => self.is_domain(ifname),
+            IfSel::NotDomainish => !self.is_domain(ifname) && !self.matches_wildcard(ifname),
+            IfSel::Wildcard => self.matches_wildcard(ifname),
+        }
+    }
+
+    /// An evaluator that keeps the chains, for many packets.
+    pub fn evaluator(&self) -> Evaluator<'_> {
+        Evaluator {
+            plan: self,
+            chains: self.chains(),
+        }
+    }
+
+    /// The verdict of the forward hook.
     pub fn forward_verdict(&self, p: &Forwarded<'_>) -> Verdict {
-        if self.conntrack {
-            match p.ct {
-                CtState::Established => return Verdict::Accept,
-                CtState::Invalid if self.is_domain(p.iif) || self.is_domain(p.oif) => {
-                    return Verdict::Drop
+        self.evaluator().forward(p)
+    }
+
+    /// The verdict of the input hook.
+    pub fn input_verdict(&self, p: &ToHost<'_>) -> Verdict {
+        self.evaluator().input(p)
+    }
+}
+
+/// A plan with its chains built once.
+pub struct Evaluator<'a> {
+    plan: &'a HostPlan,
+    chains: Vec<Chain>,
+}
+
+impl Evaluator<'_> {
+    /// The verdict of the forward hook.
+    pub fn forward(&self, p: &Forwarded<'_>) -> Verdict {
+        let packet = Packet {
+            iif: p.iif,
+            oif: p.oif,
+            src: p.src,
+            dst: Some(p.dst),
+            host_dst: None,
+            l4: p.l4,
+            ct: p.ct,
+        };
+        self.base_verdict(FORWARD_CHAIN, &packet)
+    }
+
+    /// The verdict of the input hook.
+    pub fn input(&self, p: &ToHost<'_>) -> Verdict {
+        let packet = Packet {
+            iif: p.iif,
+            oif: "",
+            src: p.src,
+            dst: None,
+            host_dst: Some(p.dst),
+            l4: p.l4,
+            ct: p.ct,
+        };
+        self.base_verdict(INPUT_CHAIN, &packet)
+    }
+
+    fn base_verdict(&self, chain: &str, p: &Packet<'_>) -> Verdict {
+        // Base chains have policy accept.
+        run(self.plan, &self.chains, chain, p).unwrap_or(Verdict::Accept)
+    }
+}
+
+/// Runs one chain; `None` when the packet falls off its end (return).
+fn run(plan: &HostPlan, chains: &[Chain], name: &str, p: &Packet<'_>) -> Option<Verdict> {
+    let chain = chains
+        .iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("a rule jumps to chain {name}, which the plan does not have"));
+    for rule in &chain.rules {
+        if !rule.conds.iter().all(|c| holds(plan, c, p)) {
+            continue;
+        }
+        let verdict = match &rule.action {
+            Action::Accept => Some(Verdict::Accept),
+            Action::Drop | Action::Deny | Action::HostDeny => Some(Verdict::Drop),
+            Action::Log(_) => None,
+            Action::Jump(target) => run(plan, chains, target, p),
+            Action::CtVmap => match p.ct {
+                CtState::Established => Some(Verdict::Accept),
+                CtState::Invalid => run(plan, chains, super::rules::INVALID_CHAIN, p),
+                CtState::New => None,
+            },
+            Action::PairsVmap => {
+                let found = plan
+                    .pairs
+                    .iter()
+                    .find(|((i, o), _)| i.as_str() == p.iif && o.as_str() == p.oif);
+                match found {
+                    None => None,
+                    Some((_, pair)) if pair.all => Some(Verdict::Accept),
+                    Some(((i, o), _)) => run(plan, chains, &super::rules::pair_chain_name(i, o), p),
                 }
-                CtState::Invalid | CtState::New => {}
+            }
+        };
+        if verdict.is_some() {
+            return verdict;
+        }
+    }
+    None
+}
+
+fn family_of(a: IpAddr) -> Family {
+    match a {
+        IpAddr::V4(_) => Family::V4,
+        IpAddr::V6(_) => Family::V6,
+    }
+}
+
+fn holds(plan: &HostPlan, c: &Cond, p: &Packet<'_>) -> bool {
+    let fib = |accepted: &[HostDst]| p.host_dst.is_some_and(|d| accepted.contains(&d));
+    match c {
+        Cond::CtEstablished => p.ct == CtState::Established,
+        Cond::Iif(sel) => plan.selects(*sel, p.iif),
+        Cond::Oif(sel) => plan.selects(*sel, p.oif),
+        Cond::Fib(FibSel::OwnLink) => {
+            fib(&[HostDst::Gateway, HostDst::Broadcast, HostDst::Multicast])
+        }
+        Cond::Fib(FibSel::OwnGateway) => fib(&[HostDst::Gateway]),
+        Cond::Fib(FibSel::OwnGatewayOrMulticast) => fib(&[HostDst::Gateway, HostDst::Multicast]),
+        Cond::Fib(FibSel::AnyHostAddress) => fib(&[HostDst::Gateway, HostDst::Elsewhere]),
+        Cond::GatewayService => p.l4.in_ports(&PortSet::from(&plan.gateway)),
+        Cond::Echo(f) => p.l4 == L4::Icmp && family_of(p.src) == *f,
+        Cond::Icmpv6Link => p.l4 == L4::Nd && family_of(p.src) == Family::V6,
+        Cond::HostOpen => plan.host.open.iter().any(|b| b.as_str() == p.iif),
+        Cond::HostServices => plan
+            .host
+            .services
+            .iter()
+            .any(|(b, set)| b.as_str() == p.iif && p.l4.in_ports(set)),
+        Cond::HostOpenAddr(f) | Cond::HostServicesAddr(f) => {
+            let ports = matches!(c, Cond::HostServicesAddr(_));
+            match (f, p.src) {
+                (Family::V4, IpAddr::V4(s)) => host_addr(&plan.host.v4, p, s, ports),
+                (Family::V6, IpAddr::V6(s)) => host_addr(&plan.host.v6, p, s, ports),
+                _ => false,
             }
         }
-        // The early accepts: only domain-to-domain traffic is judged below.
-        let domainish = |ifname: &str| self.is_domain(ifname) || self.matches_wildcard(ifname);
-        if !domainish(p.iif) || !domainish(p.oif) {
-            return Verdict::Accept;
-        }
-        let pair = |a: &str, b: &str| {
-            self.allowed_pairs
-                .iter()
-                .any(|(x, y)| x.as_str() == a && y.as_str() == b)
-        };
-        if pair(p.iif, p.oif) {
-            return Verdict::Accept;
-        }
-        let service = self.allowed_services.iter().any(|(x, y, proto, span)| {
-            x.as_str() == p.iif
-                && y.as_str() == p.oif
-                && p.l4.port(*proto).is_some_and(|port| span.contains(port))
-        });
-        if service {
-            return Verdict::Accept;
-        }
-        let address_match = match (p.src, p.dst) {
-            (IpAddr::V4(s), IpAddr::V4(d)) => forward_allows(
-                &self.v4,
-                p,
-                |n: &Ipv4Net| n.contains(&s),
-                |n| n.contains(&d),
-            ),
-            (IpAddr::V6(s), IpAddr::V6(d)) => forward_allows(
-                &self.v6,
-                p,
-                |n: &Ipv6Net| n.contains(&s),
-                |n| n.contains(&d),
-            ),
-            _ => false,
-        };
-        if address_match {
-            return Verdict::Accept;
-        }
-        let (from_known, to_known) = (self.is_domain(p.iif), self.is_domain(p.oif));
-        // Three rules: known -> known, known -> new bridge, new -> known.
-        let known_to_any = from_known && (to_known || self.matches_wildcard(p.oif));
-        if known_to_any || (self.matches_wildcard(p.iif) && to_known) {
-            return Verdict::Drop;
-        }
-        Verdict::Accept
-    }
-
-    /// The verdict of the `host_input` chain (input hook).
-    pub fn input_verdict(&self, p: &ToHost<'_>) -> Verdict {
-        if self.conntrack && p.ct == CtState::Established {
-            return Verdict::Accept;
-        }
-        let allowed = match p.src {
-            IpAddr::V4(s) => host_allows(&self.v4, p, |n: &Ipv4Net| n.contains(&s)),
-            IpAddr::V6(s) => host_allows(&self.v6, p, |n: &Ipv6Net| n.contains(&s)),
-        };
-        if allowed {
-            return Verdict::Accept;
-        }
-        let from_domain = self.is_domain(p.iif) || self.matches_wildcard(p.iif);
-        if from_domain && !p.dst_on_iif {
-            return Verdict::Drop;
-        }
-        Verdict::Accept
+        Cond::Saddr(a) => p.src == *a,
+        Cond::Daddr(a) => p.dst == Some(*a),
+        Cond::Dport(Protocol::Tcp, span) => matches!(p.l4, L4::Tcp(port) if span.contains(port)),
+        Cond::Dport(Protocol::Udp, span) => matches!(p.l4, L4::Udp(port) if span.contains(port)),
     }
 }
 
-fn forward_allows<N: Ord>(
-    sets: &AddressSets<N>,
-    p: &Forwarded<'_>,
-    src_in: impl Fn(&N) -> bool,
-    dst_in: impl Fn(&N) -> bool,
+fn host_addr<A: Ord + Copy>(
+    e: &HostAddrExceptions<A>,
+    p: &Packet<'_>,
+    src: A,
+    ports: bool,
 ) -> bool {
-    let hosts = sets
-        .hosts
-        .iter()
-        .any(|(i, s, o, d)| i.as_str() == p.iif && o.as_str() == p.oif && src_in(s) && dst_in(d));
-    let port_in = |proto: &Protocol, span: &crate::model::PortSpan| {
-        p.l4.port(*proto).is_some_and(|port| span.contains(port))
-    };
-    hosts
-        || sets.to_machine.iter().any(|(i, s, d, proto, span)| {
-            i.as_str() == p.iif && src_in(s) && dst_in(d) && port_in(proto, span)
-        })
-        || sets.from_machine.iter().any(|(i, s, o, proto, span)| {
-            i.as_str() == p.iif && src_in(s) && o.as_str() == p.oif && port_in(proto, span)
-        })
-}
-
-fn host_allows<N: Ord>(sets: &AddressSets<N>, p: &ToHost<'_>, src_in: impl Fn(&N) -> bool) -> bool {
-    let open = sets
-        .host_open
-        .iter()
-        .any(|(i, s)| i.as_str() == p.iif && src_in(s));
-    open || sets.host_services.iter().any(|(i, s, proto, span)| {
-        i.as_str() == p.iif
-            && src_in(s)
-            && p.l4.port(*proto).is_some_and(|port| span.contains(port))
-    })
+    if ports {
+        e.services
+            .iter()
+            .any(|((b, a), set)| b.as_str() == p.iif && *a == src && p.l4.in_ports(set))
+    } else {
+        e.open.iter().any(|(b, a)| b.as_str() == p.iif && *a == src)
+    }
 }

@@ -1,30 +1,36 @@
-//! The isolation plan: a pure function from validated inputs to the sets the
-//! ruleset is made of. Rendering (`render`) only formats a plan, and the
-//! evaluator (`eval`) answers "what happens to this packet" from the same
-//! plan, so tests can check the plan against the policies without nft.
+//! The isolation plan: a pure function from validated inputs to the set
+//! elements and per-pair exceptions the ruleset is made of. `rules` turns a
+//! plan into the ordered list of chains and rules that both the renderer
+//! (`render`) writes and the evaluator (`eval`) walks, so "what the kernel
+//! runs" and "what the tests check" are one list.
 //!
-//! Per-packet cost stays a handful of set lookups whatever the number of
-//! domains and policies: every exception is an element of a set, never a
-//! rule of its own (a rule per bridge pair is O(N^2) rules, measured at 7.4 s
-//! to load and 63 new connections/s at 500 bridges).
+//! Per-packet cost stays a handful of hash lookups whatever the number of
+//! domains and policies: a packet between two domains takes one lookup in
+//! the `iifname . oifname` verdict map, and only a pair that some policy
+//! opens jumps to a chain holding that pair's own (small) exceptions. A rule
+//! per bridge pair is O(N^2) rules (measured at 7.4 s to load and 63 new
+//! connections/s at 500 bridges); one interval set of every policy's ports
+//! costs every packet a lookup that grows with the number of policies.
 
 pub mod eval;
+pub mod expand;
 pub mod profile;
 pub mod router;
+pub mod rules;
 
 use crate::model::{
-    BridgePattern, DomainBridge, Endpoint, IfName, LogSettings, Name, PortSpan, Protocol,
-    ResolvedPolicy, TableName, Traffic,
+    merge_spans, BridgePattern, DomainBridge, GatewayServices, IfName, LogSettings, Name, PortSpan,
+    Protocol, ResolvedPolicy, TableName, Traffic,
 };
 use anyhow::{bail, ensure};
-use ipnet::{Ipv4Net, Ipv6Net};
-use serde::Serialize;
+use expand::{End, Flow, Scope, Side};
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 /// What the kernel can do where the ruleset will be loaded, probed by the
 /// runner. A missing capability removes a feature with a warning rather than
 /// failing the render.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Capabilities {
     pub log: bool,
     pub limit: bool,
@@ -39,57 +45,274 @@ impl Capabilities {
     };
 }
 
-/// Address-level exceptions for one IP family. A domain endpoint appears as
-/// the family's whole space (`0.0.0.0/0`, `::/0`) on its bridge, a machine as
-/// its own addresses (`/32`, `/128`): the source bridge is always part of the
-/// key, so an address spoofed from another bridge opens nothing.
-///
-/// Flows with ports come in two shapes because nft keeps a concatenation in
-/// 64 bytes of registers, and `ifname . ipv6_addr . ifname . ipv6_addr .
-/// inet_proto . inet_service` needs 72 (nft 1.0.6 aborts on it). Towards a
-/// machine, its exact address stands for the destination bridge: domain
-/// subnets never overlap (checked), so the route of that address is its
-/// bridge. From a machine to a domain, the destination bridge is the key.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
-pub struct AddressSets<N: Ord> {
-    /// Forwarded, every protocol: `iifname . saddr . oifname . daddr`.
-    pub hosts: BTreeSet<(IfName, N, IfName, N)>,
-    /// Forwarded to a machine, some ports:
-    /// `iifname . saddr . daddr . meta l4proto . th dport`.
-    pub to_machine: BTreeSet<(IfName, N, N, Protocol, PortSpan)>,
-    /// Forwarded from a machine to a domain, some ports:
-    /// `iifname . saddr . oifname . meta l4proto . th dport`.
-    pub from_machine: BTreeSet<(IfName, N, IfName, Protocol, PortSpan)>,
-    /// To the host itself, every protocol: `iifname . saddr`.
-    pub host_open: BTreeSet<(IfName, N)>,
-    /// To the host itself, some ports.
-    pub host_services: BTreeSet<(IfName, N, Protocol, PortSpan)>,
+/// Ports of TCP and UDP. Spans are merged when the plan is built: nft
+/// refuses overlapping interval elements ("File exists").
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PortSet(BTreeSet<(Protocol, PortSpan)>);
+
+impl PortSet {
+    pub fn add(&mut self, proto: Protocol, spans: &BTreeSet<PortSpan>) {
+        self.0.extend(spans.iter().map(|s| (proto, *s)));
+    }
+
+    fn normalize(&mut self) {
+        let mut merged = BTreeSet::new();
+        for proto in [Protocol::Tcp, Protocol::Udp] {
+            let spans: Vec<PortSpan> = self
+                .0
+                .iter()
+                .filter(|(p, _)| *p == proto)
+                .map(|(_, s)| *s)
+                .collect();
+            merged.extend(merge_spans(&spans).into_iter().map(|s| (proto, s)));
+        }
+        self.0 = merged;
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &(Protocol, PortSpan)> {
+        self.0.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn contains(&self, proto: Protocol, port: u16) -> bool {
+        self.0.iter().any(|(p, s)| *p == proto && s.contains(port))
+    }
 }
 
-impl<N: Ord> AddressSets<N> {
-    pub fn is_empty(&self) -> bool {
-        self.hosts.is_empty()
-            && self.to_machine.is_empty()
-            && self.from_machine.is_empty()
-            && self.host_open.is_empty()
-            && self.host_services.is_empty()
+impl From<&GatewayServices> for PortSet {
+    fn from(g: &GatewayServices) -> PortSet {
+        PortSet(g.ports.clone())
+    }
+}
+
+/// Exceptions between two bridges keyed by addresses of one family, in
+/// three shapes so that one set never mixes a whole bridge with single
+/// addresses (nft refuses elements that overlap, even across fields).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddrExceptions<A: Ord> {
+    /// From a machine to the whole destination bridge.
+    pub src_all: BTreeSet<A>,
+    pub src_ports: BTreeMap<A, PortSet>,
+    /// From the whole source bridge to a machine.
+    pub dst_all: BTreeSet<A>,
+    pub dst_ports: BTreeMap<A, PortSet>,
+    /// From a machine to a machine.
+    pub both_all: BTreeSet<(A, A)>,
+    pub both_ports: BTreeMap<(A, A), PortSet>,
+}
+
+impl<A: Ord> Default for AddrExceptions<A> {
+    fn default() -> Self {
+        AddrExceptions {
+            src_all: BTreeSet::new(),
+            src_ports: BTreeMap::new(),
+            dst_all: BTreeSet::new(),
+            dst_ports: BTreeMap::new(),
+            both_all: BTreeSet::new(),
+            both_ports: BTreeMap::new(),
+        }
+    }
+}
+
+fn ports_size<K>(m: &BTreeMap<K, PortSet>) -> usize {
+    m.values().map(PortSet::len).sum()
+}
+
+impl<A: Ord + Copy> AddrExceptions<A> {
+    fn size(&self) -> usize {
+        self.src_all.len()
+            + ports_size(&self.src_ports)
+            + self.dst_all.len()
+            + ports_size(&self.dst_ports)
+            + self.both_all.len()
+            + ports_size(&self.both_ports)
+    }
+
+    fn normalize(&mut self) {
+        for set in self.src_ports.values_mut() {
+            set.normalize();
+        }
+        for set in self.dst_ports.values_mut() {
+            set.normalize();
+        }
+        for set in self.both_ports.values_mut() {
+            set.normalize();
+        }
+    }
+
+    /// Adds `traffic` from the source scope to the destination scope.
+    fn add(&mut self, from: &Scope<A>, to: &Scope<A>, traffic: &Traffic) {
+        fn ports<K: Ord>(
+            map: &mut BTreeMap<K, PortSet>,
+            key: K,
+            proto: Protocol,
+            spans: &BTreeSet<PortSpan>,
+        ) {
+            map.entry(key).or_default().add(proto, spans)
+        }
+        match (from, to, traffic) {
+            (Scope::Whole, Scope::Whole, _) => {
+                unreachable!("whole-bridge flows are pair exceptions")
+            }
+            (Scope::Only(srcs), Scope::Whole, Traffic::All) => self.src_all.extend(srcs),
+            (Scope::Only(srcs), Scope::Whole, Traffic::Ports(p, spans)) => {
+                for s in srcs {
+                    ports(&mut self.src_ports, *s, *p, spans);
+                }
+            }
+            (Scope::Whole, Scope::Only(dsts), Traffic::All) => self.dst_all.extend(dsts),
+            (Scope::Whole, Scope::Only(dsts), Traffic::Ports(p, spans)) => {
+                for d in dsts {
+                    ports(&mut self.dst_ports, *d, *p, spans);
+                }
+            }
+            (Scope::Only(srcs), Scope::Only(dsts), traffic) => {
+                for s in srcs {
+                    for d in dsts {
+                        match traffic {
+                            Traffic::All => {
+                                self.both_all.insert((*s, *d));
+                            }
+                            Traffic::Ports(p, spans) => {
+                                ports(&mut self.both_ports, (*s, *d), *p, spans)
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What may cross from one bridge to another.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PairExceptions {
+    /// Every packet: same bridge, admin, a port-less domain policy.
+    pub all: bool,
+    /// Whole bridge to whole bridge, these ports.
+    pub ports: PortSet,
+    pub v4: AddrExceptions<Ipv4Addr>,
+    pub v6: AddrExceptions<Ipv6Addr>,
+}
+
+impl PairExceptions {
+    fn size(&self) -> usize {
+        usize::from(self.all) + self.ports.len() + self.v4.size() + self.v6.size()
+    }
+}
+
+/// A `to: host` policy's exceptions for one family, from machines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostAddrExceptions<A: Ord> {
+    pub open: BTreeSet<(IfName, A)>,
+    pub services: BTreeMap<(IfName, A), PortSet>,
+}
+
+impl<A: Ord> Default for HostAddrExceptions<A> {
+    fn default() -> Self {
+        HostAddrExceptions {
+            open: BTreeSet::new(),
+            services: BTreeMap::new(),
+        }
+    }
+}
+
+/// What `to: host` policies open on the host's input, on every host
+/// address (see README "Network policies").
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HostExceptions {
+    /// From a whole domain, every packet.
+    pub open: BTreeSet<IfName>,
+    /// From a whole domain, these ports.
+    pub services: BTreeMap<IfName, PortSet>,
+    pub v4: HostAddrExceptions<Ipv4Addr>,
+    pub v6: HostAddrExceptions<Ipv6Addr>,
+}
+
+impl HostExceptions {
+    fn size(&self) -> usize {
+        self.open.len()
+            + ports_size(&self.services)
+            + self.v4.open.len()
+            + ports_size(&self.v4.services)
+            + self.v6.open.len()
+            + ports_size(&self.v6.services)
+    }
+
+    fn normalize(&mut self) {
+        let sets = self
+            .services
+            .values_mut()
+            .chain(self.v4.services.values_mut())
+            .chain(self.v6.services.values_mut());
+        for set in sets {
+            set.normalize();
+        }
+    }
+
+    fn add(&mut self, from: &Side, traffic: &Traffic) {
+        let bridge = &from.bridge;
+        match (&from.v4, traffic) {
+            (Scope::Whole, Traffic::All) => {
+                self.open.insert(bridge.clone());
+            }
+            (Scope::Whole, Traffic::Ports(p, spans)) => {
+                self.services
+                    .entry(bridge.clone())
+                    .or_default()
+                    .add(*p, spans);
+            }
+            (Scope::Only(_), _) => {
+                add_host_addrs(&mut self.v4, bridge, &from.v4, traffic);
+                add_host_addrs(&mut self.v6, bridge, &from.v6, traffic);
+            }
+        }
+    }
+}
+
+fn add_host_addrs<A: Ord + Copy>(
+    sets: &mut HostAddrExceptions<A>,
+    bridge: &IfName,
+    scope: &Scope<A>,
+    traffic: &Traffic,
+) {
+    let Scope::Only(addrs) = scope else {
+        return;
+    };
+    for a in addrs {
+        match traffic {
+            Traffic::All => {
+                sets.open.insert((bridge.clone(), *a));
+            }
+            Traffic::Ports(p, spans) => sets
+                .services
+                .entry((bridge.clone(), *a))
+                .or_default()
+                .add(*p, spans),
+        }
     }
 }
 
 /// Everything `render::host` needs, decided.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostPlan {
     pub table: TableName,
     pub pattern: BridgePattern,
     /// bridge -> domain, for every known domain bridge.
     pub domains: BTreeMap<IfName, Name>,
     pub admin: Option<IfName>,
-    /// Same-bridge pairs, admin pairs and port-less domain policies.
-    pub allowed_pairs: BTreeSet<(IfName, IfName)>,
-    /// Domain-to-domain policies with ports.
-    pub allowed_services: BTreeSet<(IfName, IfName, Protocol, PortSpan)>,
-    pub v4: AddressSets<Ipv4Net>,
-    pub v6: AddressSets<Ipv6Net>,
+    /// (source bridge, destination bridge) -> what may cross. Pairs absent
+    /// here are dropped.
+    pub pairs: BTreeMap<(IfName, IfName), PairExceptions>,
+    pub host: HostExceptions,
+    pub gateway: GatewayServices,
     pub logging: Option<LogSettings>,
     pub conntrack: bool,
     /// What each policy did, for the operator's report.
@@ -97,11 +320,12 @@ pub struct HostPlan {
 }
 
 /// How one policy landed in the plan.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct PolicyEffect {
     #[serde(flatten)]
     pub policy: ResolvedPolicy,
-    /// Elements added to the plan by this policy (both directions).
+    /// Elements added to the plan by this policy (both directions), after
+    /// merging with what earlier policies opened.
     pub elements: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
@@ -114,6 +338,7 @@ pub struct HostPlanInput<'a> {
     pub bridges: &'a [DomainBridge],
     pub admin: Option<IfName>,
     pub policies: Vec<ResolvedPolicy>,
+    pub gateway: GatewayServices,
     pub logging: Option<LogSettings>,
     pub capabilities: Capabilities,
 }
@@ -160,10 +385,9 @@ impl HostPlan {
             pattern: input.pattern,
             domains,
             admin: input.admin,
-            allowed_pairs: BTreeSet::new(),
-            allowed_services: BTreeSet::new(),
-            v4: AddressSets::default(),
-            v6: AddressSets::default(),
+            pairs: BTreeMap::new(),
+            host: HostExceptions::default(),
+            gateway: input.gateway,
             logging: None,
             conntrack: input.capabilities.conntrack,
             policies: Vec::new(),
@@ -172,14 +396,15 @@ impl HostPlan {
         // Same-bridge traffic is a domain talking to itself. With
         // br_netfilter loaded it reaches the forward hook with
         // iifname == oifname, and must never be dropped.
-        for bridge in plan.domains.keys() {
-            plan.allowed_pairs.insert((bridge.clone(), bridge.clone()));
+        let bridges: Vec<IfName> = plan.domains.keys().cloned().collect();
+        for bridge in &bridges {
+            plan.pair_mut(bridge, bridge).all = true;
         }
         // The admin domain opens connections to every domain; replies come
         // back as established traffic, nothing opens the other way.
-        if let Some(admin) = &plan.admin {
-            for bridge in plan.domains.keys() {
-                plan.allowed_pairs.insert((admin.clone(), bridge.clone()));
+        if let Some(admin) = plan.admin.clone() {
+            for bridge in &bridges {
+                plan.pair_mut(&admin, bridge).all = true;
             }
         }
 
@@ -187,6 +412,12 @@ impl HostPlan {
             let effect = plan.add_policy(policy);
             plan.policies.push(effect);
         }
+        for pair in plan.pairs.values_mut() {
+            pair.ports.normalize();
+            pair.v4.normalize();
+            pair.v6.normalize();
+        }
+        plan.host.normalize();
 
         if let Some(logging) = input.logging {
             let caps = input.capabilities;
@@ -217,15 +448,19 @@ impl HostPlan {
         Ok((plan, warnings))
     }
 
-    /// Expands one resolved policy into set elements, in both directions
+    fn pair_mut(&mut self, from: &IfName, to: &IfName) -> &mut PairExceptions {
+        self.pairs.entry((from.clone(), to.clone())).or_default()
+    }
+
+    /// Expands one resolved policy into plan elements, in both directions
     /// when it is bidirectional.
     fn add_policy(&mut self, policy: ResolvedPolicy) -> PolicyEffect {
-        let mut elements = self.add_flow(&policy.from, &policy.to, &policy.traffic);
-        if policy.bidirectional {
-            elements += self.add_flow(&policy.to, &policy.from, &policy.traffic);
-        }
+        let elements = expand::flows(&policy)
+            .iter()
+            .map(|flow| self.add_flow(flow))
+            .sum();
         let note = match (&policy.from, &policy.to) {
-            (Endpoint::Host, _) if !policy.bidirectional => Some(
+            (crate::model::Endpoint::Host, _) if !policy.bidirectional => Some(
                 "the host already reaches every domain (host isolation filters forwarded and \
                  input traffic, not the host's own output): nothing to open"
                     .to_string(),
@@ -242,133 +477,35 @@ impl HostPlan {
         }
     }
 
-    /// Adds the elements that let `from` open `traffic` towards `to`;
-    /// returns how many elements were new.
-    fn add_flow(&mut self, from: &Endpoint, to: &Endpoint, traffic: &Traffic) -> usize {
-        let before = self.element_count();
-        match (from, to) {
-            (Endpoint::Host, _) => {}
-            (src, Endpoint::Host) => {
-                let bridge = src.bridge().expect("a non-host endpoint has a bridge");
-                for net in nets_v4(src) {
-                    add_host(&mut self.v4, bridge, net, traffic);
-                }
-                for net in nets_v6(src) {
-                    add_host(&mut self.v6, bridge, net, traffic);
-                }
+    /// Adds one flow; returns how many elements it added (before merging),
+    /// counted on the one pair or host entry it touches.
+    fn add_flow(&mut self, flow: &Flow) -> usize {
+        match (&flow.from, &flow.to) {
+            (End::Host, _) => 0,
+            (End::Bridge(src), End::Host) => {
+                let before = self.host.size();
+                self.host.add(src, &flow.traffic);
+                self.host.size() - before
             }
-            (src, dst) if src.bridge() == dst.bridge() => {}
-            (Endpoint::Domain { bridge: from, .. }, Endpoint::Domain { bridge: to, .. }) => {
-                match traffic {
-                    Traffic::All => {
-                        self.allowed_pairs.insert((from.clone(), to.clone()));
-                    }
-                    Traffic::Ports(proto, spans) => {
-                        for span in spans {
-                            self.allowed_services
-                                .insert((from.clone(), to.clone(), *proto, *span));
-                        }
-                    }
-                }
-            }
-            (src, dst) => {
-                let (sb, db) = (
-                    src.bridge().expect("non-host endpoint").clone(),
-                    dst.bridge().expect("non-host endpoint").clone(),
-                );
-                let to_machine = matches!(dst, Endpoint::Machine { .. });
-                for s in nets_v4(src) {
-                    for d in nets_v4(dst) {
-                        add_forward(&mut self.v4, (&sb, s), (&db, d), to_machine, traffic);
+            (End::Bridge(src), End::Bridge(dst)) if src.bridge == dst.bridge => 0,
+            (End::Bridge(src), End::Bridge(dst)) => {
+                let pair = self.pair_mut(&src.bridge, &dst.bridge);
+                let before = pair.size();
+                match (src.is_whole() && dst.is_whole(), &flow.traffic) {
+                    (true, Traffic::All) => pair.all = true,
+                    (true, Traffic::Ports(p, spans)) => pair.ports.add(*p, spans),
+                    (false, traffic) => {
+                        pair.v4.add(&src.v4, &dst.v4, traffic);
+                        pair.v6.add(&src.v6, &dst.v6, traffic);
                     }
                 }
-                for s in nets_v6(src) {
-                    for d in nets_v6(dst) {
-                        add_forward(&mut self.v6, (&sb, s), (&db, d), to_machine, traffic);
-                    }
-                }
+                pair.size() - before
             }
         }
-        self.element_count() - before
-    }
-
-    fn element_count(&self) -> usize {
-        fn family<N: Ord>(s: &AddressSets<N>) -> usize {
-            s.hosts.len()
-                + s.to_machine.len()
-                + s.from_machine.len()
-                + s.host_open.len()
-                + s.host_services.len()
-        }
-        self.allowed_pairs.len() + self.allowed_services.len() + family(&self.v4) + family(&self.v6)
     }
 
     pub fn bridges(&self) -> impl Iterator<Item = &IfName> {
         self.domains.keys()
-    }
-}
-
-fn add_host<N: Ord + Copy>(sets: &mut AddressSets<N>, bridge: &IfName, net: N, traffic: &Traffic) {
-    match traffic {
-        Traffic::All => {
-            sets.host_open.insert((bridge.clone(), net));
-        }
-        Traffic::Ports(proto, spans) => {
-            for span in spans {
-                sets.host_services
-                    .insert((bridge.clone(), net, *proto, *span));
-            }
-        }
-    }
-}
-
-/// `to_machine` tells which of the two port shapes applies (see
-/// [`AddressSets`]); a destination domain has `d` = the whole space.
-fn add_forward<N: Ord + Copy>(
-    sets: &mut AddressSets<N>,
-    (from, s): (&IfName, N),
-    (to, d): (&IfName, N),
-    to_machine: bool,
-    traffic: &Traffic,
-) {
-    match traffic {
-        Traffic::All => {
-            sets.hosts.insert((from.clone(), s, to.clone(), d));
-        }
-        Traffic::Ports(proto, spans) => {
-            for span in spans {
-                if to_machine {
-                    sets.to_machine.insert((from.clone(), s, d, *proto, *span));
-                } else {
-                    sets.from_machine
-                        .insert((from.clone(), s, to.clone(), *proto, *span));
-                }
-            }
-        }
-    }
-}
-
-/// The IPv4 networks an endpoint stands for on its bridge. A machine with no
-/// IPv4 address yields nothing, so it opens nothing over IPv4.
-fn nets_v4(e: &Endpoint) -> Vec<Ipv4Net> {
-    match e {
-        Endpoint::Host => vec![],
-        Endpoint::Domain { .. } => vec![Ipv4Net::default()],
-        Endpoint::Machine { ipv4, .. } => ipv4
-            .iter()
-            .map(|a| Ipv4Net::new(*a, 32).expect("32 is a valid IPv4 prefix"))
-            .collect(),
-    }
-}
-
-fn nets_v6(e: &Endpoint) -> Vec<Ipv6Net> {
-    match e {
-        Endpoint::Host => vec![],
-        Endpoint::Domain { .. } => vec![Ipv6Net::default()],
-        Endpoint::Machine { ipv6, .. } => ipv6
-            .iter()
-            .map(|a| Ipv6Net::new(*a, 128).expect("128 is a valid IPv6 prefix"))
-            .collect(),
     }
 }
 

@@ -12,34 +12,32 @@
 pub mod host_routes;
 pub mod links;
 
-use super::{AddressSets, Capabilities, HostPlan, HostPlanInput, PolicyEffect, Warnings};
+use super::{Capabilities, HostPlan, HostPlanInput, PairExceptions, PolicyEffect, Warnings};
 use crate::model::firewall::FirewallInterface;
 use crate::model::{
-    BridgePattern, IfName, LogSettings, Name, PortSpan, Protocol, ResolvedPolicy, TableName,
+    BridgePattern, GatewayServices, IfName, LogSettings, Name, ResolvedPolicy, TableName,
 };
 use anyhow::{ensure, Context};
-use ipnet::{Ipv4Net, Ipv6Net};
-use serde::Serialize;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 /// Log prefix of the router when the task does not set one (anklume's).
 pub const DEFAULT_LOG_PREFIX: &str = "FW";
 
 /// Everything `render::router` needs, decided.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouterPlan {
     pub table: TableName,
     /// Firewall interface -> its domain.
     pub interfaces: BTreeMap<IfName, Name>,
     /// The admin domain's interface: it opens connections to every domain.
     pub admin: Option<IfName>,
-    /// Port-less domain policies (never an interface with itself).
-    pub allowed_pairs: BTreeSet<(IfName, IfName)>,
-    pub allowed_services: BTreeSet<(IfName, IfName, Protocol, PortSpan)>,
-    /// Machine policies (`hosts`, `to_machine`, `from_machine` only: the
-    /// host-input sets concern the Incus host, not the router).
-    pub v4: AddressSets<Ipv4Net>,
-    pub v6: AddressSets<Ipv6Net>,
+    /// (source interface, destination interface) -> what the network
+    /// policies open, the host plan's per-pair exceptions keyed by the
+    /// firewall's interfaces. Never an interface with itself (everything the
+    /// router forwards is cross-domain) and never the admin domain's
+    /// blanket access (the router logs it apart). Pairs absent here are
+    /// denied.
+    pub pairs: BTreeMap<(IfName, IfName), PairExceptions>,
     /// ICMP between domains accepted (anklume's default).
     pub icmp: bool,
     pub logging: Option<LogSettings>,
@@ -71,15 +69,21 @@ impl RouterPlan {
             .iter()
             .map(FirewallInterface::domain_bridge)
             .collect();
-        // The same expansion as the host: the policies become bridge-keyed
-        // set elements, which are then renamed to the firewall's interfaces.
-        // The admin domain is kept out of it: the router logs it apart.
+        // The same expansion as the host (`expand::flows` into per-pair
+        // exceptions, with the same checks and policy report), whose pairs
+        // are then renamed to the firewall's interfaces. The admin domain
+        // is kept out of it: the router logs it apart. The host's own
+        // input (gateway services, policies to `host`) is not the router's.
         let (host, mut warnings) = HostPlan::build(HostPlanInput {
             table: input.table.clone(),
             pattern: input.pattern,
             bridges: &bridges,
             admin: None,
             policies: input.policies,
+            gateway: GatewayServices {
+                ports: Default::default(),
+                echo: false,
+            },
             logging: input.logging,
             capabilities: input.capabilities,
         })?;
@@ -110,10 +114,13 @@ impl RouterPlan {
                 })
             })
             .transpose()?;
-        if !(host.v4.host_open.is_empty()
-            && host.v4.host_services.is_empty()
-            && host.v6.host_open.is_empty()
-            && host.v6.host_services.is_empty())
+        let h = &host.host;
+        if !(h.open.is_empty()
+            && h.services.is_empty()
+            && h.v4.open.is_empty()
+            && h.v4.services.is_empty()
+            && h.v6.open.is_empty()
+            && h.v6.services.is_empty())
         {
             warnings.push(
                 "policies to `host` open the Incus host's own input: they are enforced by host \
@@ -121,6 +128,14 @@ impl RouterPlan {
                     .to_string(),
             );
         }
+        let pairs = host
+            .pairs
+            .into_iter()
+            .filter(|((i, o), _)| i != o)
+            .map(|((i, o), pair)| ((rename(&i), rename(&o)), pair))
+            // The admin interface is accepted before the pairs lookup.
+            .filter(|((i, _), _)| Some(i) != admin.as_ref())
+            .collect();
         let plan = RouterPlan {
             table: input.table,
             interfaces: input
@@ -129,19 +144,7 @@ impl RouterPlan {
                 .map(|i| (i.name.clone(), i.domain.clone()))
                 .collect(),
             admin,
-            allowed_pairs: host
-                .allowed_pairs
-                .iter()
-                .filter(|(i, o)| i != o)
-                .map(|(i, o)| (rename(i), rename(o)))
-                .collect(),
-            allowed_services: host
-                .allowed_services
-                .iter()
-                .map(|(i, o, p, s)| (rename(i), rename(o), *p, *s))
-                .collect(),
-            v4: forward_sets(&host.v4, &rename),
-            v6: forward_sets(&host.v6, &rename),
+            pairs,
             icmp: input.icmp,
             logging: host.logging,
             conntrack: host.conntrack,
@@ -152,32 +155,6 @@ impl RouterPlan {
 
     pub fn interface_names(&self) -> impl Iterator<Item = &IfName> {
         self.interfaces.keys()
-    }
-}
-
-/// The forwarding part of one family's address sets, interfaces renamed.
-fn forward_sets<N: Ord + Copy>(
-    sets: &AddressSets<N>,
-    rename: &impl Fn(&IfName) -> IfName,
-) -> AddressSets<N> {
-    AddressSets {
-        hosts: sets
-            .hosts
-            .iter()
-            .map(|(i, s, o, d)| (rename(i), *s, rename(o), *d))
-            .collect(),
-        to_machine: sets
-            .to_machine
-            .iter()
-            .map(|(i, s, d, p, span)| (rename(i), *s, *d, *p, *span))
-            .collect(),
-        from_machine: sets
-            .from_machine
-            .iter()
-            .map(|(i, s, o, p, span)| (rename(i), *s, rename(o), *p, *span))
-            .collect(),
-        host_open: BTreeSet::new(),
-        host_services: BTreeSet::new(),
     }
 }
 
@@ -200,7 +177,7 @@ mod tests {
     use super::*;
     use crate::model::firewall::MacAddr;
     use crate::model::logging::RawLogging;
-    use crate::model::{DomainBridge, Machine, PolicySpec, World};
+    use crate::model::{DomainBridge, Machine, PolicySpec, Protocol, World};
     use serde_json::json;
 
     fn iface(bridge: &str, n: u8) -> FirewallInterface {
@@ -245,7 +222,7 @@ mod tests {
     }
 
     #[test]
-    fn sets_use_the_firewall_interface_names_and_no_self_pairs() {
+    fn pairs_use_the_firewall_interface_names_and_no_self_or_admin_pairs() {
         let p = plan(
             json!([{"from": "pro", "to": "perso", "ports": "all"},
                    {"from": "perso", "to": "pro", "ports": [443]}]),
@@ -254,39 +231,42 @@ mod tests {
         );
         assert_eq!(p.admin, Some(n("fw1")));
         assert_eq!(
-            p.allowed_pairs,
-            BTreeSet::from([(n("fw2"), n("fw3"))]),
-            "only the policy; same-interface and admin pairs are not set elements"
+            p.pairs.keys().cloned().collect::<Vec<_>>(),
+            vec![(n("fw2"), n("fw3")), (n("fw3"), n("fw2"))],
+            "only the policies; same-interface and admin pairs are not in the map"
         );
-        assert_eq!(p.allowed_services.len(), 1);
-        let (i, o, proto, span) = p.allowed_services.iter().next().unwrap();
-        assert_eq!(
-            (i, o, *proto, span.first()),
-            (&n("fw3"), &n("fw2"), Protocol::Tcp, 443)
-        );
+        assert!(p.pairs[&(n("fw2"), n("fw3"))].all);
+        let back = &p.pairs[&(n("fw3"), n("fw2"))];
+        assert!(!back.all);
+        assert!(back.ports.contains(Protocol::Tcp, 443));
+        assert_eq!(back.ports.len(), 1);
         assert_eq!(p.interfaces.len(), 3);
     }
 
     #[test]
     fn machine_policies_keep_addresses_and_host_policies_are_left_to_the_host() {
-        let m = Machine {
-            name: Name::new("machine", "nas").unwrap(),
-            project: "default".into(),
-            bridge: n("net-perso"),
-            ipv4: ["10.0.3.10".parse().unwrap()].into(),
-            ipv6: Default::default(),
-        };
+        let mut m = Machine::new(
+            Name::new("machine", "nas").unwrap(),
+            "default",
+            n("net-perso"),
+        );
+        m.ipv4 = ["10.0.3.10".parse().unwrap()].into();
+        m.ipv4_filtering = true;
         let p = plan(
             json!([{"from": "pro", "to": "nas", "ports": [22]},
                    {"from": "pro", "to": "host", "ports": [53], "protocol": "udp"}]),
             &[m],
             true,
         );
-        assert_eq!(p.v4.to_machine.len(), 1);
-        let (i, _, d, _, _) = p.v4.to_machine.iter().next().unwrap();
-        assert_eq!((i, d.to_string().as_str()), (&n("fw2"), "10.0.3.10/32"));
-        assert!(p.v6.is_empty(), "nas has no IPv6: nothing opens over IPv6");
-        assert!(p.v4.host_services.is_empty());
+        assert_eq!(p.pairs.len(), 1, "the host policy adds no router pair");
+        let pair = &p.pairs[&(n("fw2"), n("fw3"))];
+        let addr: std::net::Ipv4Addr = "10.0.3.10".parse().unwrap();
+        assert!(pair.v4.dst_ports[&addr].contains(Protocol::Tcp, 22));
+        assert_eq!(pair.v4.dst_ports.len(), 1);
+        assert!(
+            pair.v6.dst_ports.is_empty() && pair.v6.dst_all.is_empty(),
+            "nas has no IPv6: nothing opens over IPv6"
+        );
     }
 
     #[test]

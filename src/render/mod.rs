@@ -1,16 +1,26 @@
 //! Rendering a plan to nft text. Pure: the same plan gives the same bytes
 //! (sets are `BTreeSet`s, so element order is stable), which is what makes
-//! "changed" and the Ansible diff meaningful.
+//! "changed" and the Ansible diff meaningful. The chains and rules come
+//! from `plan::rules`, the list the evaluator walks too: this module only
+//! formats them, and the template only loops and quotes.
 
-use crate::model::{IfName, PortSpan, Protocol};
-use crate::plan::{AddressSets, HostPlan};
+use crate::model::IfName;
+use crate::plan::rules::{
+    pair_chain_name, Chain, DENY_LOG, DOMAIN_BRIDGES, GATEWAY_SERVICES, HOST_DENY_LOG, HOST_OPEN,
+    HOST_OPEN_V4, HOST_OPEN_V6, HOST_SERVICES, HOST_SERVICES_V4, HOST_SERVICES_V6, LOG_BUDGET,
+    PAIRS,
+};
+use crate::plan::{HostAddrExceptions, HostPlan, PortSet};
 use anyhow::Context;
-use minijinja::Environment;
+use minijinja::{Environment, UndefinedBehavior};
 use serde::Serialize;
+use std::collections::BTreeMap;
 use std::fmt::Display;
 use std::sync::OnceLock;
 
 pub mod router;
+
+pub use crate::plan::rules::{deny_chain_name, host_deny_chain_name};
 
 const HOST_TEMPLATE: &str = include_str!("host.nft.j2");
 
@@ -18,6 +28,8 @@ const HOST_TEMPLATE: &str = include_str!("host.nft.j2");
 /// replace or delete a live table of the same name without it (Incus's
 /// `inet incus`, or anyone else's), so it only ever touches what it made.
 pub const TABLE_COMMENT: &str = "managed by anklume-isolation";
+/// Width of the `#` comments the renderer wraps.
+const COMMENT_WIDTH: usize = 72;
 
 fn environment() -> &'static Environment<'static> {
     static ENV: OnceLock<Environment<'static>> = OnceLock::new();
@@ -26,80 +38,65 @@ fn environment() -> &'static Environment<'static> {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_keep_trailing_newline(true);
+        // A misspelt variable in the template is an error, not an empty
+        // string that would silently drop a match from a rule.
+        env.set_undefined_behavior(UndefinedBehavior::Strict);
         // The template is part of the binary: a syntax error in it is a
         // build defect caught by every render test.
-        env.add_filter("nft_atom", nft_atom);
         env.add_template("host.nft", HOST_TEMPLATE)
             .expect("host.nft.j2 is a valid template");
         env
     })
 }
 
-/// Writes one field of a set element: names in double quotes (their
-/// characters were validated, so quoting never needs escapes), everything
-/// else as it is.
-fn nft_atom(atom: minijinja::Value) -> Result<String, minijinja::Error> {
-    let text = atom.get_attr("text")?;
-    let quoted = atom.get_attr("quoted")?.is_true();
-    Ok(if quoted {
-        format!("\"{text}\"")
-    } else {
-        text.to_string()
-    })
-}
-
-/// One field of a set element: names are quoted, addresses, protocols and
-/// ports are written as they are.
-#[derive(Serialize)]
-struct Atom {
-    text: String,
-    quoted: bool,
-}
-
-fn name(n: &IfName) -> Atom {
-    Atom {
-        text: n.as_str().to_string(),
-        quoted: true,
-    }
-}
-
-fn raw(value: impl Display) -> Atom {
-    Atom {
-        text: value.to_string(),
-        quoted: false,
-    }
-}
-
-fn port(span: &PortSpan) -> Atom {
-    raw(span)
-}
-
-fn proto(p: &Protocol) -> Atom {
-    raw(p.as_str())
+fn quoted(n: &IfName) -> String {
+    format!("\"{n}\"")
 }
 
 #[derive(Serialize)]
 struct SetView {
     name: &'static str,
-    why: &'static str,
+    why: Vec<String>,
     #[serde(rename = "type")]
     type_: String,
     interval: bool,
-    elements: Vec<Vec<Atom>>,
+    elements: Vec<String>,
 }
 
 #[derive(Serialize)]
-struct DenyChain {
-    bridge: String,
+struct MapView {
+    name: &'static str,
+    why: Vec<String>,
+    #[serde(rename = "type")]
+    type_: &'static str,
+    elements: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct RuleView {
+    why: Vec<String>,
+    text: String,
+}
+
+#[derive(Serialize)]
+struct ChainView {
+    name: String,
+    why: Vec<String>,
+    header: Option<String>,
+    rules: Vec<RuleView>,
+}
+
+#[derive(Serialize)]
+struct LogChain {
     name: String,
     prefix: String,
 }
 
 #[derive(Serialize)]
 struct LoggingView {
+    budget: &'static str,
     rate: String,
-    invalid_prefix: String,
-    unknown_prefix: String,
+    chains: Vec<LogChain>,
 }
 
 #[derive(Serialize)]
@@ -107,256 +104,255 @@ struct HostView {
     summary: String,
     table: String,
     table_comment: &'static str,
-    wildcard: String,
     sets: Vec<SetView>,
-    forward_accepts: Vec<&'static str>,
-    host_accepts: Vec<&'static str>,
-    conntrack: bool,
+    maps: Vec<MapView>,
     logging: Option<LoggingView>,
-    deny_chains: Vec<DenyChain>,
-    host_deny_chains: Vec<DenyChain>,
-    deny: &'static str,
-    host_deny: &'static str,
+    chains: Vec<ChainView>,
 }
 
-/// The chain that logs and drops what a domain's bridge may not send.
-/// Derived in one place so the map and the chain always agree.
-pub fn deny_chain_name(bridge: &IfName) -> String {
-    format!("deny-{bridge}")
+/// Splits a sentence into comment lines.
+fn wrap(text: &str) -> Vec<String> {
+    let mut lines = vec![String::new()];
+    for word in text.split_whitespace() {
+        let line = lines.last_mut().expect("never empty");
+        if !line.is_empty() && line.len() + 1 + word.len() > COMMENT_WIDTH {
+            lines.push(word.to_string());
+        } else {
+            if !line.is_empty() {
+                line.push(' ');
+            }
+            line.push_str(word);
+        }
+    }
+    lines
 }
 
-pub fn host_deny_chain_name(bridge: &IfName) -> String {
-    format!("host-deny-{bridge}")
+fn port_elements<K: Display>(
+    map: &BTreeMap<K, PortSet>,
+    key: impl Fn(&K) -> String,
+) -> Vec<String> {
+    map.iter()
+        .flat_map(|(k, set)| {
+            let k = key(k);
+            set.iter()
+                .map(move |(p, s)| format!("{k} . {} . {s}", p.as_str()))
+        })
+        .collect()
 }
 
-/// One family's address sets, with the rules that consult them. `ip` is
-/// `ip` or `ip6`, `addr` is `ipv4_addr` or `ipv6_addr`.
-struct Family<'a, N: Ord> {
-    sets: &'a AddressSets<N>,
-    names: [&'static str; 5],
-    rules: [&'static str; 5],
-    addr: &'static str,
-}
-
-fn family_views<N: Ord + Display>(
-    f: Family<'_, N>,
+fn host_addr_sets<A: Ord + Display>(
+    e: &HostAddrExceptions<A>,
+    names: (&'static str, &'static str),
+    addr: &str,
     sets: &mut Vec<SetView>,
-) -> (Vec<&'static str>, Vec<&'static str>) {
-    let [hosts_name, to_machine_name, from_machine_name, open_name, services_name] = f.names;
-    let [hosts_rule, to_machine_rule, from_machine_rule, open_rule, services_rule] = f.rules;
-    let mut forward = Vec::new();
-    let mut host = Vec::new();
-    if !f.sets.hosts.is_empty() {
+) {
+    if !e.open.is_empty() {
         sets.push(SetView {
-            name: hosts_name,
-            why: "Policies naming a machine, every protocol: source bridge and address, destination bridge and address (a domain side is the whole address space of its bridge).",
-            type_: format!("ifname . {0} . ifname . {0}", f.addr),
-            interval: true,
-            elements: f
-                .sets
-                .hosts
+            name: names.0,
+            why: wrap(
+                "Machines a policy to the host opens every packet for: their bridge and address.",
+            ),
+            type_: format!("ifname . {addr}"),
+            interval: false,
+            elements: e
+                .open
                 .iter()
-                .map(|(i, s, o, d)| vec![name(i), raw(s), name(o), raw(d)])
+                .map(|(b, a)| format!("{} . {a}", quoted(b)))
                 .collect(),
         });
-        forward.push(hosts_rule);
     }
-    if !f.sets.to_machine.is_empty() {
+    if !e.services.is_empty() {
+        struct Key<'a, A>(&'a IfName, &'a A);
+        impl<A: Display> Display for Key<'_, A> {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "\"{}\" . {}", self.0, self.1)
+            }
+        }
+        let keyed: BTreeMap<(IfName, String), PortSet> = e
+            .services
+            .iter()
+            .map(|((b, a), set)| ((b.clone(), Key(b, a).to_string()), set.clone()))
+            .collect();
         sets.push(SetView {
-            name: to_machine_name,
-            why: "Policies with ports towards a machine: source bridge and address, the machine's own address (its route is its bridge: domain subnets never overlap).",
-            type_: format!("ifname . {0} . {0} . inet_proto . inet_service", f.addr),
+            name: names.1,
+            why: wrap("Machines a policy to the host opens ports for: bridge, address, ports."),
+            type_: format!("ifname . {addr} . inet_proto . inet_service"),
             interval: true,
-            elements: f
-                .sets
-                .to_machine
+            elements: keyed
                 .iter()
-                .map(|(i, s, d, p, span)| vec![name(i), raw(s), raw(d), proto(p), port(span)])
+                .flat_map(|((_, k), set)| {
+                    set.iter()
+                        .map(move |(p, s)| format!("{k} . {} . {s}", p.as_str()))
+                })
                 .collect(),
         });
-        forward.push(to_machine_rule);
     }
-    if !f.sets.from_machine.is_empty() {
+}
+
+fn sets(plan: &HostPlan) -> Vec<SetView> {
+    let mut sets = vec![SetView {
+        name: DOMAIN_BRIDGES,
+        why: wrap("Every known domain bridge."),
+        type_: "ifname".into(),
+        interval: false,
+        elements: plan.bridges().map(quoted).collect(),
+    }];
+    let gateway = PortSet::from(&plan.gateway);
+    if !gateway.is_empty() {
         sets.push(SetView {
-            name: from_machine_name,
-            why: "Policies with ports from a machine to a whole domain: source bridge and address, destination bridge.",
-            type_: format!("ifname . {} . ifname . inet_proto . inet_service", f.addr),
+            name: GATEWAY_SERVICES,
+            why: wrap("What a domain reaches on its own gateway (the gateway_services option)."),
+            type_: "inet_proto . inet_service".into(),
             interval: true,
-            elements: f
-                .sets
-                .from_machine
+            elements: gateway
                 .iter()
-                .map(|(i, s, o, p, span)| vec![name(i), raw(s), name(o), proto(p), port(span)])
+                .map(|(p, s)| format!("{} . {s}", p.as_str()))
                 .collect(),
         });
-        forward.push(from_machine_rule);
     }
-    if !f.sets.host_open.is_empty() {
+    let host = &plan.host;
+    if !host.open.is_empty() {
         sets.push(SetView {
-            name: open_name,
-            why: "Policies to the host, every protocol: source bridge and address.",
-            type_: format!("ifname . {}", f.addr),
-            interval: true,
-            elements: f
-                .sets
-                .host_open
-                .iter()
-                .map(|(i, s)| vec![name(i), raw(s)])
-                .collect(),
+            name: HOST_OPEN,
+            why: wrap("Domains a policy to the host opens every packet for."),
+            type_: "ifname".into(),
+            interval: false,
+            elements: host.open.iter().map(quoted).collect(),
         });
-        host.push(open_rule);
     }
-    if !f.sets.host_services.is_empty() {
+    if !host.services.is_empty() {
         sets.push(SetView {
-            name: services_name,
-            why: "Policies to the host, with ports.",
-            type_: format!("ifname . {} . inet_proto . inet_service", f.addr),
+            name: HOST_SERVICES,
+            why: wrap("Domains a policy to the host opens ports for."),
+            type_: "ifname . inet_proto . inet_service".into(),
             interval: true,
-            elements: f
-                .sets
-                .host_services
-                .iter()
-                .map(|(i, s, p, span)| vec![name(i), raw(s), proto(p), port(span)])
-                .collect(),
+            elements: port_elements(&host.services, quoted),
         });
-        host.push(services_rule);
     }
-    (forward, host)
+    host_addr_sets(
+        &host.v4,
+        (HOST_OPEN_V4, HOST_SERVICES_V4),
+        "ipv4_addr",
+        &mut sets,
+    );
+    host_addr_sets(
+        &host.v6,
+        (HOST_OPEN_V6, HOST_SERVICES_V6),
+        "ipv6_addr",
+        &mut sets,
+    );
+    sets
+}
+
+fn maps(plan: &HostPlan) -> Vec<MapView> {
+    let mut maps = vec![MapView {
+        name: PAIRS,
+        why: wrap(
+            "Bridge pairs with a verdict: each bridge with itself (same-domain traffic), the \
+             admin domain towards every domain and port-less domain policies accept; a pair \
+             that policies open with ports or for machines jumps to its own chain.",
+        ),
+        type_: "ifname . ifname : verdict",
+        elements: plan
+            .pairs
+            .iter()
+            .map(|((i, o), pair)| {
+                let verdict = if pair.all {
+                    "accept".to_string()
+                } else {
+                    format!("jump {}", pair_chain_name(i, o))
+                };
+                format!("{} . {} : {verdict}", quoted(i), quoted(o))
+            })
+            .collect(),
+    }];
+    if plan.logging.is_some() {
+        for (name, chain_of, why) in [
+            (
+                DENY_LOG,
+                deny_chain_name as fn(&IfName) -> String,
+                "Source bridge -> the chain that logs its denied packets with the domain in the \
+                 prefix, then drops them.",
+            ),
+            (
+                HOST_DENY_LOG,
+                host_deny_chain_name,
+                "The same for what a domain may not send to the host.",
+            ),
+        ] {
+            maps.push(MapView {
+                name,
+                why: wrap(why),
+                type_: "ifname : verdict",
+                elements: plan
+                    .bridges()
+                    .map(|b| format!("{} : jump {}", quoted(b), chain_of(b)))
+                    .collect(),
+            });
+        }
+    }
+    maps
+}
+
+fn chain_view(plan: &HostPlan, chain: &Chain) -> ChainView {
+    let why = match (&chain.why, &chain.pair) {
+        (Some(why), _) => wrap(why),
+        (None, Some((from, to))) => wrap(&format!(
+            "What policies open from {from} to {to} (domains {} -> {}).",
+            plan.domains.get(from).map(|d| d.as_str()).unwrap_or("?"),
+            plan.domains.get(to).map(|d| d.as_str()).unwrap_or("?"),
+        )),
+        (None, None) => vec![],
+    };
+    ChainView {
+        name: chain.name.clone(),
+        why,
+        header: chain
+            .hook
+            .map(|(hook, prio)| format!("type filter hook {hook} priority {prio}; policy accept;")),
+        rules: chain
+            .rules
+            .iter()
+            .map(|rule| {
+                let mut parts: Vec<String> = rule.conds.iter().map(|c| c.nft(plan)).collect();
+                parts.push(rule.action.nft(plan));
+                RuleView {
+                    why: rule.why.map(wrap).unwrap_or_default(),
+                    text: parts.join(" "),
+                }
+            })
+            .collect(),
+    }
 }
 
 /// Renders the host isolation ruleset of a plan.
 pub fn host(plan: &HostPlan) -> anyhow::Result<String> {
-    let mut sets = vec![
-        SetView {
-            name: "domain_bridges",
-            why: "Every known domain bridge; the cross-domain drops match against it.",
-            type_: "ifname".into(),
-            interval: false,
-            elements: plan.bridges().map(|b| vec![name(b)]).collect(),
-        },
-        SetView {
-            name: "allowed_pairs",
-            why: "Bridge pairs allowed every protocol: each bridge with itself (same-domain traffic), the admin domain towards every domain, port-less domain policies.",
-            type_: "ifname . ifname".into(),
-            interval: false,
-            elements: plan
-                .allowed_pairs
-                .iter()
-                .map(|(i, o)| vec![name(i), name(o)])
-                .collect(),
-        },
-    ];
-    let mut forward_accepts = vec!["iifname . oifname @allowed_pairs"];
-    let mut host_accepts = Vec::new();
-    if !plan.allowed_services.is_empty() {
-        sets.push(SetView {
-            name: "allowed_services",
-            why: "Domain-to-domain policies with ports (ranges are intervals).",
-            type_: "ifname . ifname . inet_proto . inet_service".into(),
-            interval: true,
-            elements: plan
-                .allowed_services
-                .iter()
-                .map(|(i, o, p, span)| vec![name(i), name(o), proto(p), port(span)])
-                .collect(),
-        });
-        forward_accepts.push("iifname . oifname . meta l4proto . th dport @allowed_services");
-    }
-    for (forward, host) in [
-        family_views(
-            Family {
-                sets: &plan.v4,
-                names: [
-                    "allowed_hosts_v4",
-                    "to_machine_v4",
-                    "from_machine_v4",
-                    "host_open_v4",
-                    "host_services_v4",
-                ],
-                rules: [
-                    "iifname . ip saddr . oifname . ip daddr @allowed_hosts_v4",
-                    "iifname . ip saddr . ip daddr . meta l4proto . th dport @to_machine_v4",
-                    "iifname . ip saddr . oifname . meta l4proto . th dport @from_machine_v4",
-                    "iifname . ip saddr @host_open_v4",
-                    "iifname . ip saddr . meta l4proto . th dport @host_services_v4",
-                ],
-                addr: "ipv4_addr",
-            },
-            &mut sets,
-        ),
-        family_views(
-            Family {
-                sets: &plan.v6,
-                names: [
-                    "allowed_hosts_v6",
-                    "to_machine_v6",
-                    "from_machine_v6",
-                    "host_open_v6",
-                    "host_services_v6",
-                ],
-                rules: [
-                    "iifname . ip6 saddr . oifname . ip6 daddr @allowed_hosts_v6",
-                    "iifname . ip6 saddr . ip6 daddr . meta l4proto . th dport @to_machine_v6",
-                    "iifname . ip6 saddr . oifname . meta l4proto . th dport @from_machine_v6",
-                    "iifname . ip6 saddr @host_open_v6",
-                    "iifname . ip6 saddr . meta l4proto . th dport @host_services_v6",
-                ],
-                addr: "ipv6_addr",
-            },
-            &mut sets,
-        ),
-    ] {
-        forward_accepts.extend(forward);
-        host_accepts.extend(host);
-    }
-
-    let (logging, deny_chains, host_deny_chains) = match &plan.logging {
-        None => (None, vec![], vec![]),
-        Some(settings) => {
-            let chains = |name_of: fn(&IfName) -> String, event: &str| {
-                plan.domains
-                    .iter()
-                    .map(|(bridge, domain)| DenyChain {
-                        bridge: bridge.to_string(),
-                        name: name_of(bridge),
-                        prefix: settings.line_prefix(event, Some(domain.as_str())),
-                    })
-                    .collect::<Vec<_>>()
-            };
-            (
-                Some(LoggingView {
-                    rate: settings.rate.clone(),
-                    invalid_prefix: settings.line_prefix("INVALID", None),
-                    unknown_prefix: settings.line_prefix("DENY-UNKNOWN", None),
-                }),
-                chains(deny_chain_name, "DENY"),
-                chains(host_deny_chain_name, "HOST-DENY"),
-            )
+    let logging = plan.logging.as_ref().map(|settings| {
+        let mut chains = Vec::new();
+        for (event, name_of) in [
+            ("DENY", deny_chain_name as fn(&IfName) -> String),
+            ("HOST-DENY", host_deny_chain_name),
+        ] {
+            chains.extend(plan.domains.iter().map(|(bridge, domain)| LogChain {
+                name: name_of(bridge),
+                prefix: settings.line_prefix(event, Some(domain.as_str())),
+            }));
         }
-    };
-    let logged = logging.is_some();
+        LoggingView {
+            budget: LOG_BUDGET,
+            rate: settings.rate.clone(),
+            chains,
+        }
+    });
+    let chains = plan.chains();
     let view = HostView {
         summary: summary(plan),
         table: plan.table.to_string(),
         table_comment: TABLE_COMMENT,
-        wildcard: plan.pattern.wildcard(),
-        sets,
-        forward_accepts,
-        host_accepts,
-        conntrack: plan.conntrack,
+        sets: sets(plan),
+        maps: maps(plan),
         logging,
-        deny_chains,
-        host_deny_chains,
-        deny: if logged {
-            "iifname vmap @deny_log"
-        } else {
-            "drop"
-        },
-        host_deny: if logged {
-            "iifname vmap @host_deny_log"
-        } else {
-            "drop"
-        },
+        chains: chains.iter().map(|c| chain_view(plan, c)).collect(),
     };
     environment()
         .get_template("host.nft")

@@ -1,20 +1,23 @@
 //! Rendering a router plan to nft text: the firewall instance's own table
-//! (vm mode). Pure, like the host render, and built from the same set views.
+//! (vm mode). Pure, like the host render, and its pair chains are the host
+//! plan's own rules ([`crate::plan::rules::pair_rules`]).
 
-use super::{family_views, name, nft_atom, DenyChain, Family, SetView};
+use super::{quoted, wrap};
 use crate::model::IfName;
 use crate::plan::router::RouterPlan;
+use crate::plan::rules::{pair_chain_name, pair_rules, Rule, DENY_LOG, LOG_BUDGET, PAIRS};
 use anyhow::Context;
-use minijinja::Environment;
+use minijinja::{Environment, UndefinedBehavior};
 use serde::Serialize;
 use std::sync::OnceLock;
 
 const ROUTER_TEMPLATE: &str = include_str!("router.nft.j2");
 
-/// Chains of the router table, named once.
+/// Chains and sets of the router table, named once.
 pub const FORWARD_CHAIN: &str = "forward";
 pub const CROSS_DOMAIN_CHAIN: &str = "cross_domain";
 pub const INPUT_CHAIN: &str = "input";
+pub const DOMAIN_IFACES: &str = "domain_ifaces";
 
 /// Log events of the router (anklume's names: `FW-ADMIN-FWD`,
 /// `FW-DENY-<DOMAIN>`, `FW-INVALID`, `FW-DROP`, `FW-INPUT-DROP`).
@@ -31,7 +34,8 @@ fn environment() -> &'static Environment<'static> {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_keep_trailing_newline(true);
-        env.add_filter("nft_atom", nft_atom);
+        // A misspelt variable is an error, not a silently missing match.
+        env.set_undefined_behavior(UndefinedBehavior::Strict);
         env.add_template("router.nft", ROUTER_TEMPLATE)
             .expect("router.nft.j2 is a valid template");
         env
@@ -45,11 +49,26 @@ pub fn router_deny_chain_name(iface: &IfName) -> String {
 
 #[derive(Serialize)]
 struct RouterLogging {
+    budget: &'static str,
     rate: String,
     admin_prefix: String,
     invalid_prefix: String,
     drop_prefix: String,
     input_prefix: String,
+}
+
+#[derive(Serialize)]
+struct DenyChain {
+    iface: String,
+    name: String,
+    prefix: String,
+}
+
+#[derive(Serialize)]
+struct PairChain {
+    name: String,
+    why: Vec<String>,
+    rules: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -60,105 +79,63 @@ struct RouterView {
     forward_chain: &'static str,
     cross_chain: &'static str,
     input_chain: &'static str,
-    sets: Vec<SetView>,
+    domain_ifaces_name: &'static str,
+    domain_ifaces: Vec<String>,
+    pairs_name: &'static str,
+    /// `"in" . "out" : accept` or `: jump pair/in/out`.
+    pairs: Vec<String>,
+    pairs_rule: String,
+    pair_chains: Vec<PairChain>,
     admin: Option<String>,
     icmp: bool,
-    accepts: Vec<&'static str>,
     conntrack: bool,
     logging: Option<RouterLogging>,
+    deny_log_name: &'static str,
     deny_chains: Vec<DenyChain>,
-    deny: &'static str,
+    deny: String,
+}
+
+fn rule_text(rule: &Rule) -> String {
+    // Pair rules only match addresses and ports, and only accept: no
+    // interface wildcard, no log map.
+    let mut parts: Vec<String> = rule.conds.iter().map(|c| c.nft_with("")).collect();
+    parts.push(rule.action.nft_with(false));
+    parts.join(" ")
 }
 
 /// Renders the firewall router's ruleset.
 pub fn router(plan: &RouterPlan) -> anyhow::Result<String> {
-    let mut sets = vec![SetView {
-        name: "domain_ifaces",
-        why: "The firewall's interfaces, one per domain bridge. Forwarding only ever happens between two of them.",
-        type_: "ifname".into(),
-        interval: false,
-        elements: plan.interface_names().map(|i| vec![name(i)]).collect(),
-    }];
-    let mut accepts = Vec::new();
-    if !plan.allowed_pairs.is_empty() {
-        sets.push(SetView {
-            name: "allowed_pairs",
-            why: "Domain policies without ports: source interface, destination interface.",
-            type_: "ifname . ifname".into(),
-            interval: false,
-            elements: plan
-                .allowed_pairs
-                .iter()
-                .map(|(i, o)| vec![name(i), name(o)])
-                .collect(),
-        });
-        accepts.push("iifname . oifname @allowed_pairs");
-    }
-    if !plan.allowed_services.is_empty() {
-        sets.push(SetView {
-            name: "allowed_services",
-            why: "Domain policies with ports (ranges are intervals).",
-            type_: "ifname . ifname . inet_proto . inet_service".into(),
-            interval: true,
-            elements: plan
-                .allowed_services
-                .iter()
-                .map(|(i, o, p, span)| vec![name(i), name(o), super::proto(p), super::port(span)])
-                .collect(),
-        });
-        accepts.push("iifname . oifname . meta l4proto . th dport @allowed_services");
-    }
-    // The router plan has no host-input sets (they are the Incus host's),
-    // so only forwarding rules come back.
-    let (v4, _) = family_views(
-        Family {
-            sets: &plan.v4,
-            names: [
-                "allowed_hosts_v4",
-                "to_machine_v4",
-                "from_machine_v4",
-                "",
-                "",
-            ],
-            rules: [
-                "iifname . ip saddr . oifname . ip daddr @allowed_hosts_v4",
-                "iifname . ip saddr . ip daddr . meta l4proto . th dport @to_machine_v4",
-                "iifname . ip saddr . oifname . meta l4proto . th dport @from_machine_v4",
-                "",
-                "",
-            ],
-            addr: "ipv4_addr",
-        },
-        &mut sets,
-    );
-    let (v6, _) = family_views(
-        Family {
-            sets: &plan.v6,
-            names: [
-                "allowed_hosts_v6",
-                "to_machine_v6",
-                "from_machine_v6",
-                "",
-                "",
-            ],
-            rules: [
-                "iifname . ip6 saddr . oifname . ip6 daddr @allowed_hosts_v6",
-                "iifname . ip6 saddr . ip6 daddr . meta l4proto . th dport @to_machine_v6",
-                "iifname . ip6 saddr . oifname . meta l4proto . th dport @from_machine_v6",
-                "",
-                "",
-            ],
-            addr: "ipv6_addr",
-        },
-        &mut sets,
-    );
-    accepts.extend(v4);
-    accepts.extend(v6);
-
+    let pairs = plan
+        .pairs
+        .iter()
+        .map(|((i, o), pair)| {
+            let verdict = if pair.all {
+                "accept".to_string()
+            } else {
+                format!("jump {}", pair_chain_name(i, o))
+            };
+            format!("{} . {} : {verdict}", quoted(i), quoted(o))
+        })
+        .collect();
+    let pair_chains = plan
+        .pairs
+        .iter()
+        .filter(|(_, pair)| !pair.all)
+        .map(|((i, o), pair)| PairChain {
+            name: pair_chain_name(i, o),
+            why: wrap(&format!(
+                "What policies open from {i} to {o} (domains {} -> {}).",
+                plan.interfaces.get(i).map(|d| d.as_str()).unwrap_or("?"),
+                plan.interfaces.get(o).map(|d| d.as_str()).unwrap_or("?"),
+            )),
+            rules: pair_rules(pair).iter().map(rule_text).collect(),
+        })
+        .collect();
     let (logging, deny_chains) = match &plan.logging {
         None => (None, vec![]),
         Some(s) => (
             Some(RouterLogging {
+                budget: LOG_BUDGET,
                 rate: s.rate.clone(),
                 admin_prefix: s.line_prefix(EVENT_ADMIN, None),
                 invalid_prefix: s.line_prefix(EVENT_INVALID, None),
@@ -168,7 +145,7 @@ pub fn router(plan: &RouterPlan) -> anyhow::Result<String> {
             plan.interfaces
                 .iter()
                 .map(|(iface, domain)| DenyChain {
-                    bridge: iface.to_string(),
+                    iface: quoted(iface),
                     name: router_deny_chain_name(iface),
                     prefix: s.line_prefix(EVENT_DENY, Some(domain.as_str())),
                 })
@@ -176,9 +153,9 @@ pub fn router(plan: &RouterPlan) -> anyhow::Result<String> {
         ),
     };
     let deny = if logging.is_some() {
-        "iifname vmap @deny_log"
+        format!("iifname vmap @{DENY_LOG}")
     } else {
-        "drop"
+        "drop".to_string()
     };
     let view = RouterView {
         summary: summary(plan),
@@ -187,12 +164,17 @@ pub fn router(plan: &RouterPlan) -> anyhow::Result<String> {
         forward_chain: FORWARD_CHAIN,
         cross_chain: CROSS_DOMAIN_CHAIN,
         input_chain: INPUT_CHAIN,
-        sets,
-        admin: plan.admin.as_ref().map(IfName::to_string),
+        domain_ifaces_name: DOMAIN_IFACES,
+        domain_ifaces: plan.interface_names().map(quoted).collect(),
+        pairs_name: PAIRS,
+        pairs,
+        pairs_rule: format!("iifname . oifname vmap @{PAIRS}"),
+        pair_chains,
+        admin: plan.admin.as_ref().map(quoted),
         icmp: plan.icmp,
-        accepts,
         conntrack: plan.conntrack,
         logging,
+        deny_log_name: DENY_LOG,
         deny_chains,
         deny,
     };

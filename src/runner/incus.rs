@@ -5,9 +5,10 @@
 use super::process::{find_program, run_with_stdin};
 use crate::model::{BridgePattern, DomainBridge, IfName, Machine, Name};
 use anyhow::Context;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde_json::Value;
 use std::collections::BTreeSet;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -49,12 +50,61 @@ impl Incus {
         bridges: &BTreeSet<IfName>,
     ) -> anyhow::Result<Vec<Machine>> {
         let scope = match project {
-            Some(p) => format!("project={p}"),
+            Some(p) => format!("project={}", percent_encode(p)),
             None => "all-projects=true".to_string(),
         };
         let instances = self.query(&format!("/1.0/instances?recursion=2&{scope}"))?;
         parse_instances(&instances, bridges)
     }
+
+    /// Fills in the subnets of explicitly listed bridges that Incus manages,
+    /// so the addresses of their machines can be checked; the others stay
+    /// unknown (and machines on them are reported unchecked).
+    pub fn fill_subnets(&self, bridges: &mut [DomainBridge]) -> anyhow::Result<()> {
+        let networks = self.query("/1.0/networks?recursion=1")?;
+        fill_subnets(&networks, bridges)
+    }
+}
+
+/// Encodes a query-string value: everything but RFC 3986 unreserved
+/// characters, so `lab&all-projects=true` stays one project name.
+pub fn percent_encode(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for byte in value.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+/// The pure half of [`Incus::fill_subnets`].
+pub fn fill_subnets(networks: &Value, bridges: &mut [DomainBridge]) -> anyhow::Result<()> {
+    for network in managed_bridges(networks) {
+        let name = network["name"].as_str().unwrap_or_default();
+        if let Some(b) = bridges.iter_mut().find(|b| b.bridge.as_str() == name) {
+            let (ipv4, ipv6) = subnets_of(network)?;
+            b.ipv4 = ipv4;
+            b.ipv6 = ipv6;
+            b.subnets_known = true;
+        }
+    }
+    Ok(())
+}
+
+fn subnets_of(network: &Value) -> anyhow::Result<(Option<Ipv4Net>, Option<Ipv6Net>)> {
+    let name = network["name"].as_str().unwrap_or_default();
+    let ipv4 = config_str(network, "ipv4.address")
+        .map(|a| a.parse())
+        .transpose()
+        .with_context(|| format!("network {name}: ipv4.address"))?;
+    let ipv6 = config_str(network, "ipv6.address")
+        .map(|a| a.parse())
+        .transpose()
+        .with_context(|| format!("network {name}: ipv6.address"))?;
+    Ok((ipv4, ipv6))
 }
 
 fn config_str<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
@@ -66,14 +116,8 @@ fn config_str<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
 fn bridge_of(network: &Value, pattern: &BridgePattern) -> anyhow::Result<DomainBridge> {
     let name = network["name"].as_str().unwrap_or_default();
     let mut bridge = DomainBridge::new(IfName::new(name)?, pattern)?;
-    bridge.ipv4 = config_str(network, "ipv4.address")
-        .map(|a| a.parse())
-        .transpose()
-        .with_context(|| format!("network {name}: ipv4.address"))?;
-    bridge.ipv6 = config_str(network, "ipv6.address")
-        .map(|a| a.parse())
-        .transpose()
-        .with_context(|| format!("network {name}: ipv6.address"))?;
+    (bridge.ipv4, bridge.ipv6) = subnets_of(network)?;
+    bridge.subnets_known = true;
     Ok(bridge)
 }
 
@@ -116,7 +160,7 @@ pub fn parse_instances(
         let devices = instance["expanded_devices"]
             .as_object()
             .or_else(|| instance["devices"].as_object());
-        let mut nics: Vec<(IfName, BTreeSet<Ipv4Addr>, BTreeSet<Ipv6Addr>)> = Vec::new();
+        let mut nics: Vec<Machine> = Vec::new();
         for (device_name, device) in devices.into_iter().flatten() {
             if device["type"] != "nic" {
                 continue;
@@ -128,8 +172,9 @@ pub fn parse_instances(
             let Some(bridge) = bridges.iter().find(|b| b.as_str() == network) else {
                 continue;
             };
-            let mut v4 = BTreeSet::new();
-            let mut v6 = BTreeSet::new();
+            let mut m = Machine::new(Name::new("machine", name)?, &project, bridge.clone());
+            let v4 = &mut m.ipv4;
+            let v6 = &mut m.ipv6;
             if let Some(a) = device["ipv4.address"].as_str().and_then(|a| a.parse().ok()) {
                 v4.insert(a);
             }
@@ -154,20 +199,13 @@ pub fn parse_instances(
                     None => {}
                 }
             }
-            nics.push((bridge.clone(), v4, v6));
+            m.ipv4_filtering = device["security.ipv4_filtering"] == "true";
+            m.ipv6_filtering = device["security.ipv6_filtering"] == "true";
+            nics.push(m);
         }
         match nics.len() {
             0 => continue,
-            1 => {
-                let (bridge, ipv4, ipv6) = nics.remove(0);
-                machines.push(Machine {
-                    name: Name::new("machine", name)?,
-                    project,
-                    bridge,
-                    ipv4,
-                    ipv6,
-                });
-            }
+            1 => machines.extend(nics),
             // An instance on several domain bridges (the firewall VM) is a
             // router, not a policy endpoint: leave it out, so naming it in a
             // policy fails with "unknown" instead of opening several bridges.
@@ -179,57 +217,76 @@ pub fn parse_instances(
 
 #[cfg(test)]
 mod tests {
+    //! On JSON recorded from the lab's real daemon (`make record-fixtures`).
     use super::*;
-    use serde_json::json;
 
-    #[test]
-    fn only_managed_bridges_matching_the_pattern_are_domains() {
-        let networks = json!([
-            {"name": "eth0", "managed": false, "type": "physical", "config": {}},
-            {"name": "incusbr0", "managed": true, "type": "bridge", "config": {"ipv4.address": "10.0.0.1/24"}},
-            {"name": "net-pro", "managed": true, "type": "bridge",
-             "config": {"ipv4.address": "10.1.1.1/24", "ipv6.address": "fd00:1::1/64"}},
-            {"name": "net-perso", "managed": true, "type": "bridge", "config": {"ipv4.address": "none"}},
-            {"name": "net-ovn", "managed": true, "type": "ovn", "config": {}},
-            {"name": "net-x", "managed": false, "type": "bridge", "config": {}}
-        ]);
-        let pattern = BridgePattern::new("net-").unwrap();
-        let found = parse_networks(&networks, &pattern).unwrap();
-        let names: Vec<&str> = found.iter().map(|b| b.bridge.as_str()).collect();
-        assert_eq!(names, ["net-pro", "net-perso"]);
-        assert_eq!(found[0].domain.as_str(), "pro");
-        assert_eq!(found[0].ipv4.unwrap().to_string(), "10.1.1.1/24");
-        assert_eq!(found[1].ipv4, None);
+    const NETWORKS: &str = include_str!("../../tests/fixtures/incus/networks.json");
+    const INSTANCES: &str = include_str!("../../tests/fixtures/incus/instances.json");
+
+    fn json(text: &str) -> Value {
+        serde_json::from_str(text).expect("a recorded fixture is JSON")
+    }
+
+    fn lab_pattern() -> BridgePattern {
+        BridgePattern::new("lab-net-").unwrap()
     }
 
     #[test]
-    fn machines_take_static_and_live_addresses_of_their_domain_nic() {
-        let instances = json!([
-            {"name": "pro-dev", "project": "lab",
-             "expanded_devices": {"eth0": {"type": "nic", "network": "net-pro", "ipv4.address": "10.1.1.10"},
-                                  "root": {"type": "disk"}},
-             "state": {"network": {"eth0": {"addresses": [
-                {"family": "inet", "address": "10.1.1.10", "scope": "global"},
-                {"family": "inet6", "address": "fd00:1::10", "scope": "global"},
-                {"family": "inet6", "address": "fe80::1", "scope": "link"}]}}}},
-            {"name": "stopped", "project": "lab",
-             "expanded_devices": {"eth0": {"type": "nic", "network": "net-pro"}}, "state": null},
-            {"name": "elsewhere", "project": "lab",
-             "expanded_devices": {"eth0": {"type": "nic", "network": "incusbr0"}}}
-        ]);
-        let bridges = BTreeSet::from([IfName::new("net-pro").unwrap()]);
-        let machines = parse_instances(&instances, &bridges).unwrap();
-        assert_eq!(machines.len(), 2);
-        let dev = &machines[0];
-        assert_eq!(dev.name.as_str(), "pro-dev");
+    fn only_managed_bridges_matching_the_pattern_are_domains() {
+        let found = parse_networks(&json(NETWORKS), &lab_pattern()).unwrap();
+        let names: Vec<&str> = found.iter().map(|b| b.bridge.as_str()).collect();
+        assert_eq!(names, ["lab-net-anklume", "lab-net-perso", "lab-net-pro"]);
+        assert_eq!(found[2].domain.as_str(), "pro");
+        assert_eq!(found[2].ipv4.unwrap().to_string(), "10.251.11.1/24");
+        assert_eq!(found[2].ipv6.unwrap().to_string(), "fd42:251:11::1/64");
+        assert!(found.iter().all(|b| b.subnets_known));
+        // The unmanaged loopback is in the recording, and skipped.
+        assert!(NETWORKS.contains("\"lo\""));
+    }
+
+    #[test]
+    fn machines_take_static_and_live_global_addresses_of_their_domain_nic() {
+        let found = parse_networks(&json(NETWORKS), &lab_pattern()).unwrap();
+        let bridges = found.iter().map(|b| b.bridge.clone()).collect();
+        let machines = parse_instances(&json(INSTANCES), &bridges).unwrap();
+        let web = machines
+            .iter()
+            .find(|m| m.name.as_str() == "pro-web")
+            .unwrap();
+        assert_eq!(web.bridge.as_str(), "lab-net-pro");
+        assert_eq!(web.project, "anklume-lab");
+        let shown: Vec<String> = web
+            .ipv4
+            .iter()
+            .map(ToString::to_string)
+            .chain(web.ipv6.iter().map(ToString::to_string))
+            .collect();
+        // Link-local fe80:: addresses are not global: left out.
+        assert_eq!(shown, ["10.251.11.11", "fd42:251:11:0:1266:6aff:fefb:b0b"]);
+        assert!(!web.ipv4_filtering && !web.ipv6_filtering);
+        assert_eq!(machines.len(), 5);
+    }
+
+    #[test]
+    fn explicit_bridges_learn_their_subnets_when_incus_manages_them() {
+        let pattern = lab_pattern();
+        let mut bridges = vec![
+            DomainBridge::new(IfName::new("lab-net-pro").unwrap(), &pattern).unwrap(),
+            DomainBridge::new(IfName::new("br-manual").unwrap(), &pattern).unwrap(),
+        ];
+        fill_subnets(&json(NETWORKS), &mut bridges).unwrap();
+        assert!(bridges[0].subnets_known);
+        assert_eq!(bridges[0].ipv4.unwrap().to_string(), "10.251.11.1/24");
+        assert!(!bridges[1].subnets_known && bridges[1].ipv4.is_none());
+    }
+
+    #[test]
+    fn the_project_is_one_query_value() {
+        assert_eq!(percent_encode("anklume-lab"), "anklume-lab");
         assert_eq!(
-            dev.ipv4.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
-            ["10.1.1.10"]
+            percent_encode("lab&all-projects=true"),
+            "lab%26all-projects%3Dtrue"
         );
-        assert_eq!(
-            dev.ipv6.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
-            ["fd00:1::10"]
-        );
-        assert!(machines[1].ipv4.is_empty() && machines[1].ipv6.is_empty());
+        assert_eq!(percent_encode("a b/c?d#e"), "a%20b%2Fc%3Fd%23e");
     }
 }

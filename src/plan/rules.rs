@@ -1,0 +1,514 @@
+//! The ruleset as an ordered list of chains and rules: the one truth for
+//! the verdicts. `render` writes each condition with [`Cond::nft`] and each
+//! action with [`Action::nft`]; `eval` walks the same list in the same order
+//! and answers for a packet. Changing a rule, its order or its match text
+//! here changes both.
+
+use super::{AddrExceptions, HostPlan, PairExceptions, PortSet};
+use crate::model::{IfName, PortSpan, Protocol};
+use std::net::IpAddr;
+
+/// Named sets and maps of the table (each name written once).
+pub const DOMAIN_BRIDGES: &str = "domain_bridges";
+pub const PAIRS: &str = "pairs";
+pub const GATEWAY_SERVICES: &str = "gateway_services";
+pub const HOST_OPEN: &str = "host_open";
+pub const HOST_SERVICES: &str = "host_services";
+pub const HOST_OPEN_V4: &str = "host_open_v4";
+pub const HOST_SERVICES_V4: &str = "host_services_v4";
+pub const HOST_OPEN_V6: &str = "host_open_v6";
+pub const HOST_SERVICES_V6: &str = "host_services_v6";
+pub const DENY_LOG: &str = "deny_log";
+pub const HOST_DENY_LOG: &str = "host_deny_log";
+pub const LOG_BUDGET: &str = "log_budget";
+
+/// Chains and their hooks.
+pub const FORWARD_CHAIN: &str = "isolation";
+pub const INPUT_CHAIN: &str = "host_input";
+pub const INVALID_CHAIN: &str = "invalid";
+/// Before Incus's own chains (priority 0).
+pub const PRIORITY: i32 = -1;
+
+/// ICMPv6 a bridge needs from its gateway for IPv6 to work at all.
+pub const ICMPV6_LINK: &[&str] = &[
+    "nd-neighbor-solicit",
+    "nd-neighbor-advert",
+    "nd-router-solicit",
+    "mld-listener-report",
+    "mld-listener-done",
+    "mld2-listener-report",
+];
+
+/// The chain a pair that some policy opens jumps to.
+pub fn pair_chain_name(from: &IfName, to: &IfName) -> String {
+    // Interface names never hold '/', and nft identifiers may: the name
+    // cannot be read two ways.
+    format!("pair/{from}/{to}")
+}
+
+/// The chain that logs and drops what a domain's bridge may not send.
+pub fn deny_chain_name(bridge: &IfName) -> String {
+    format!("deny-{bridge}")
+}
+
+pub fn host_deny_chain_name(bridge: &IfName) -> String {
+    format!("host-deny-{bridge}")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn ip(self) -> &'static str {
+        match self {
+            Family::V4 => "ip",
+            Family::V6 => "ip6",
+        }
+    }
+}
+
+/// Which interfaces an `iifname`/`oifname` match selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IfSel {
+    /// `@domain_bridges`
+    Known,
+    /// `!= @domain_bridges <pattern>* != ...`: neither known nor named like
+    /// a domain bridge.
+    NotDomainish,
+    /// `"<pattern>*"`: any present or future domain bridge name.
+    Wildcard,
+}
+
+/// Where a packet to the host is addressed, as `fib` tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FibSel {
+    /// `fib daddr . iif type { local, broadcast, multicast }`: the
+    /// gateway on the bridge it came in on, or a broadcast/multicast there.
+    OwnLink,
+    /// `fib daddr . iif type local`: the gateway address itself.
+    OwnGateway,
+    /// `fib daddr . iif type { local, multicast }`
+    OwnGatewayOrMulticast,
+    /// `fib daddr type local`: any of the host's addresses.
+    AnyHostAddress,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cond {
+    CtEstablished,
+    Iif(IfSel),
+    Oif(IfSel),
+    Fib(FibSel),
+    /// `meta l4proto . th dport @gateway_services`
+    GatewayService,
+    Echo(Family),
+    /// ICMPv6 neighbour discovery, router solicitation, MLD.
+    Icmpv6Link,
+    /// `iifname @host_open`
+    HostOpen,
+    /// `iifname . meta l4proto . th dport @host_services`
+    HostServices,
+    /// `iifname . ip saddr @host_open_v4`, ...
+    HostOpenAddr(Family),
+    HostServicesAddr(Family),
+    /// In a pair chain: one source address (`ip saddr`, `ip6 saddr`).
+    Saddr(IpAddr),
+    /// In a pair chain: one destination address.
+    Daddr(IpAddr),
+    /// In a pair chain: one port or range (`tcp dport 9000-9010`).
+    Dport(Protocol, PortSpan),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Accept,
+    Drop,
+    /// Cross-domain drop: through the per-domain log chain when logging.
+    Deny,
+    /// Host-input drop: through the per-domain log chain when logging.
+    HostDeny,
+    /// Log with this prefix (rate-limited) and go on.
+    Log(String),
+    Jump(String),
+    /// `iifname . oifname vmap @pairs`: accept, or jump to the pair's chain.
+    PairsVmap,
+    /// `ct state vmap { established : accept, related : accept, invalid :
+    /// jump invalid }`: one rule for what conntrack already knows.
+    CtVmap,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    /// Why the rule sits where it sits, rendered as a comment above it.
+    pub why: Option<&'static str>,
+    pub conds: Vec<Cond>,
+    pub action: Action,
+}
+
+impl Rule {
+    fn new(conds: Vec<Cond>, action: Action) -> Rule {
+        Rule {
+            why: None,
+            conds,
+            action,
+        }
+    }
+
+    fn why(mut self, why: &'static str) -> Rule {
+        self.why = Some(why);
+        self
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chain {
+    pub name: String,
+    /// `(hook, priority)` for base chains (policy accept).
+    pub hook: Option<(&'static str, i32)>,
+    pub why: Option<&'static str>,
+    /// The pair a pair chain belongs to.
+    pub pair: Option<(IfName, IfName)>,
+    pub rules: Vec<Rule>,
+}
+
+impl HostPlan {
+    /// The whole ruleset's chains, in order; base chains first.
+    pub fn chains(&self) -> Vec<Chain> {
+        let mut chains = vec![self.forward_chain(), self.input_chain()];
+        if self.conntrack {
+            chains.push(self.invalid_chain());
+        }
+        for ((from, to), pair) in &self.pairs {
+            if !pair.all {
+                chains.push(Chain {
+                    name: pair_chain_name(from, to),
+                    hook: None,
+                    why: None,
+                    pair: Some((from.clone(), to.clone())),
+                    rules: pair_rules(pair),
+                });
+            }
+        }
+        chains
+    }
+
+    fn log(&self, event: &str) -> Option<Action> {
+        self.logging
+            .as_ref()
+            .map(|l| Action::Log(l.line_prefix(event, None)))
+    }
+
+    fn forward_chain(&self) -> Chain {
+        use Cond::*;
+        let mut rules = Vec::new();
+        if self.conntrack {
+            rules.push(Rule::new(vec![], Action::CtVmap).why(
+                "Replies of connections that a rule below allowed, first: this is the one rule \
+                 most packets take. Invalid packets go to their own chain, new ones go on.",
+            ));
+        }
+        rules.push(
+            Rule::new(vec![Oif(IfSel::NotDomainish)], Action::Accept).why(
+                "Towards anything that is not a domain bridge (the internet, other interfaces): \
+                 egress leaves after one lookup. Unidirectional flows stay \"new\" for conntrack, \
+                 so this is the path most of their packets take.",
+            ),
+        );
+        rules.push(Rule::new(vec![], Action::PairsVmap).why(
+            "Between two known domains: one lookup decides. Same-bridge, admin and port-less \
+                 pairs accept; a pair that policies open jumps to its own small chain; any other \
+                 pair goes on to the drops.",
+        ));
+        rules.push(
+            Rule::new(vec![Iif(IfSel::NotDomainish)], Action::Accept)
+                .why("From outside the domains (inbound to a domain): not ours to judge."),
+        );
+        rules.push(
+            Rule::new(vec![Iif(IfSel::Known), Oif(IfSel::Known)], Action::Deny)
+                .why("Cross-domain traffic between known bridges."),
+        );
+        rules.push(
+            Rule::new(vec![Iif(IfSel::Known), Oif(IfSel::Wildcard)], Action::Deny).why(
+                "Fail closed for bridges created after this render: a known domain cannot reach \
+                 them, and they cannot reach a known domain. Their own same-bridge traffic \
+                 (iifname == oifname, unknown) is untouched.",
+            ),
+        );
+        if let Some(log) = self.log("DENY-UNKNOWN") {
+            rules.push(Rule::new(
+                vec![Iif(IfSel::Wildcard), Oif(IfSel::Known)],
+                log,
+            ));
+        }
+        rules.push(Rule::new(
+            vec![Iif(IfSel::Wildcard), Oif(IfSel::Known)],
+            Action::Drop,
+        ));
+        Chain {
+            name: FORWARD_CHAIN.into(),
+            hook: Some(("forward", PRIORITY)),
+            why: Some(
+                "Routed traffic between bridges. Priority -1 runs before Incus's own chains \
+                 (priority 0); a drop here is final for the packet, whereas an accept only ends \
+                 this chain, so other tables keep their say.",
+            ),
+            pair: None,
+            rules,
+        }
+    }
+
+    fn invalid_chain(&self) -> Chain {
+        let mut rules = Vec::new();
+        for sel in [Cond::Iif(IfSel::Known), Cond::Oif(IfSel::Known)] {
+            if let Some(log) = self.log("INVALID") {
+                rules.push(Rule::new(vec![sel.clone()], log));
+            }
+            rules.push(Rule::new(vec![sel], Action::Drop));
+        }
+        Chain {
+            name: INVALID_CHAIN.into(),
+            hook: None,
+            why: Some(
+                "Invalid packets to or from a domain: never part of a connection we allow. \
+                 Other interfaces (Docker, a non-domain Incus bridge) keep their own policy.",
+            ),
+            pair: None,
+            rules,
+        }
+    }
+
+    fn input_chain(&self) -> Chain {
+        use Cond::*;
+        let mut rules = Vec::new();
+        if self.conntrack {
+            rules.push(Rule::new(vec![CtEstablished], Action::Accept));
+        }
+        rules.push(
+            Rule::new(vec![Iif(IfSel::NotDomainish)], Action::Accept)
+                .why("Not from a domain bridge: not ours to judge."),
+        );
+        if !self.gateway.ports.is_empty() {
+            rules.push(
+                Rule::new(vec![Fib(FibSel::OwnLink), GatewayService], Action::Accept).why(
+                    "What a bridge needs from its own gateway (DHCP, DNS, and the operator's \
+                     gateway_services), on the gateway address of the bridge the packet came \
+                     in on and its broadcast/multicast: never on the host's other addresses.",
+                ),
+            );
+        }
+        if self.gateway.echo {
+            for family in [Family::V4, Family::V6] {
+                rules.push(Rule::new(
+                    vec![Fib(FibSel::OwnGateway), Echo(family)],
+                    Action::Accept,
+                ));
+            }
+        }
+        rules.push(
+            Rule::new(
+                vec![Fib(FibSel::OwnGatewayOrMulticast), Icmpv6Link],
+                Action::Accept,
+            )
+            .why("IPv6 on the bridge needs neighbour discovery, router solicitation and MLD."),
+        );
+        let host = &self.host;
+        let policy_rules = [
+            (!host.open.is_empty(), HostOpen),
+            (!host.services.is_empty(), HostServices),
+            (!host.v4.open.is_empty(), HostOpenAddr(Family::V4)),
+            (!host.v4.services.is_empty(), HostServicesAddr(Family::V4)),
+            (!host.v6.open.is_empty(), HostOpenAddr(Family::V6)),
+            (!host.v6.services.is_empty(), HostServicesAddr(Family::V6)),
+        ];
+        let mut first = true;
+        for (used, cond) in policy_rules {
+            if used {
+                let rule = Rule::new(vec![cond], Action::Accept);
+                rules.push(if first {
+                    first = false;
+                    rule.why(
+                        "Policies to the host: their ports on every host address (its gateway on \
+                         every bridge, its other interfaces).",
+                    )
+                } else {
+                    rule
+                });
+            }
+        }
+        rules.push(
+            Rule::new(
+                vec![Iif(IfSel::Known), Fib(FibSel::AnyHostAddress)],
+                Action::HostDeny,
+            )
+            .why("Everything else a domain sends to any host address."),
+        );
+        rules.push(
+            Rule::new(vec![Iif(IfSel::Known)], Action::Drop)
+                .why("Broadcast and multicast the host does not serve: dropped, not logged."),
+        );
+        rules.push(
+            Rule::new(vec![Iif(IfSel::Wildcard)], Action::Drop)
+                .why("Bridges created after this render: only the gateway services above."),
+        );
+        Chain {
+            name: INPUT_CHAIN.into(),
+            hook: Some(("input", PRIORITY)),
+            why: Some(
+                "Traffic addressed to the host itself. A domain reaches its own gateway only \
+                 for what a bridge needs; every other port and every other host address is \
+                 closed unless a policy to the host opens it.",
+            ),
+            pair: None,
+            rules,
+        }
+    }
+}
+
+/// The rules of a pair chain: one rule per exception the pair has, plain
+/// comparisons and no anonymous set (the kernel names each anonymous set by
+/// scanning the table's sets, so thousands of them load in quadratic time:
+/// 13.9 s for 10,000 policies, 0.74 s as plain rules). A packet between two
+/// domains only walks the chain of its own pair. The firewall router's
+/// pair chains are these same rules.
+pub fn pair_rules(pair: &PairExceptions) -> Vec<Rule> {
+    let mut rules = Vec::new();
+    rules.extend(port_rules(&pair.ports, vec![]));
+    addr_rules(&pair.v4, IpAddr::V4, &mut rules);
+    addr_rules(&pair.v6, IpAddr::V6, &mut rules);
+    rules
+}
+
+fn port_rules(ports: &PortSet, conds: Vec<Cond>) -> impl Iterator<Item = Rule> + '_ {
+    ports.iter().map(move |(proto, span)| {
+        let mut all = conds.clone();
+        all.push(Cond::Dport(*proto, *span));
+        Rule::new(all, Action::Accept)
+    })
+}
+
+fn addr_rules<A: Ord + Copy>(e: &AddrExceptions<A>, ip: fn(A) -> IpAddr, rules: &mut Vec<Rule>) {
+    use Cond::{Daddr, Saddr};
+    for s in &e.src_all {
+        rules.push(Rule::new(vec![Saddr(ip(*s))], Action::Accept));
+    }
+    for (s, ports) in &e.src_ports {
+        rules.extend(port_rules(ports, vec![Saddr(ip(*s))]));
+    }
+    for d in &e.dst_all {
+        rules.push(Rule::new(vec![Daddr(ip(*d))], Action::Accept));
+    }
+    for (d, ports) in &e.dst_ports {
+        rules.extend(port_rules(ports, vec![Daddr(ip(*d))]));
+    }
+    for (s, d) in &e.both_all {
+        rules.push(Rule::new(
+            vec![Saddr(ip(*s)), Daddr(ip(*d))],
+            Action::Accept,
+        ));
+    }
+    for ((s, d), ports) in &e.both_ports {
+        rules.extend(port_rules(ports, vec![Saddr(ip(*s)), Daddr(ip(*d))]));
+    }
+}
+
+impl IfSel {
+    fn nft(self, field: &str, wildcard: &str) -> String {
+        match self {
+            IfSel::Known => format!("{field} @{DOMAIN_BRIDGES}"),
+            IfSel::NotDomainish => {
+                format!("{field} != @{DOMAIN_BRIDGES} {field} != \"{wildcard}\"")
+            }
+            IfSel::Wildcard => format!("{field} \"{wildcard}\""),
+        }
+    }
+}
+
+impl Cond {
+    /// The match as nft text.
+    pub fn nft(&self, plan: &HostPlan) -> String {
+        self.nft_with(&plan.pattern.wildcard())
+    }
+
+    /// The match as nft text, `wildcard` standing for any domain bridge
+    /// name (only interface matches use it).
+    pub fn nft_with(&self, wildcard: &str) -> String {
+        match self {
+            Cond::CtEstablished => "ct state established,related".into(),
+            Cond::Iif(sel) => sel.nft("iifname", wildcard),
+            Cond::Oif(sel) => sel.nft("oifname", wildcard),
+            Cond::Fib(FibSel::OwnLink) => {
+                "fib daddr . iif type { local, broadcast, multicast }".into()
+            }
+            Cond::Fib(FibSel::OwnGateway) => "fib daddr . iif type local".into(),
+            Cond::Fib(FibSel::OwnGatewayOrMulticast) => {
+                "fib daddr . iif type { local, multicast }".into()
+            }
+            Cond::Fib(FibSel::AnyHostAddress) => "fib daddr type local".into(),
+            Cond::GatewayService => format!("meta l4proto . th dport @{GATEWAY_SERVICES}"),
+            Cond::Echo(Family::V4) => "icmp type echo-request".into(),
+            Cond::Echo(Family::V6) => "icmpv6 type echo-request".into(),
+            Cond::Icmpv6Link => format!("icmpv6 type {{ {} }}", ICMPV6_LINK.join(", ")),
+            Cond::HostOpen => format!("iifname @{HOST_OPEN}"),
+            Cond::HostServices => format!("iifname . meta l4proto . th dport @{HOST_SERVICES}"),
+            Cond::HostOpenAddr(f) => {
+                let set = if *f == Family::V4 {
+                    HOST_OPEN_V4
+                } else {
+                    HOST_OPEN_V6
+                };
+                format!("iifname . {} saddr @{set}", f.ip())
+            }
+            Cond::HostServicesAddr(f) => {
+                let set = if *f == Family::V4 {
+                    HOST_SERVICES_V4
+                } else {
+                    HOST_SERVICES_V6
+                };
+                format!(
+                    "iifname . {} saddr . meta l4proto . th dport @{set}",
+                    f.ip()
+                )
+            }
+            Cond::Saddr(a) => format!("{} saddr {a}", ip_of(a)),
+            Cond::Daddr(a) => format!("{} daddr {a}", ip_of(a)),
+            Cond::Dport(p, span) => format!("{} dport {span}", p.as_str()),
+        }
+    }
+}
+
+fn ip_of(a: &IpAddr) -> &'static str {
+    match a {
+        IpAddr::V4(_) => "ip",
+        IpAddr::V6(_) => "ip6",
+    }
+}
+
+impl Action {
+    pub fn nft(&self, plan: &HostPlan) -> String {
+        self.nft_with(plan.logging.is_some())
+    }
+
+    /// The action as nft text, `logged` when the table has the deny-log
+    /// maps.
+    pub fn nft_with(&self, logged: bool) -> String {
+        match self {
+            Action::Accept => "accept".into(),
+            Action::Drop => "drop".into(),
+            Action::Deny if logged => format!("iifname vmap @{DENY_LOG}"),
+            Action::HostDeny if logged => format!("iifname vmap @{HOST_DENY_LOG}"),
+            Action::Deny | Action::HostDeny => "drop".into(),
+            Action::Log(prefix) => {
+                format!("limit name \"{LOG_BUDGET}\" log prefix \"{prefix}\" level info")
+            }
+            Action::Jump(chain) => format!("jump {chain}"),
+            Action::PairsVmap => format!("iifname . oifname vmap @{PAIRS}"),
+            Action::CtVmap => format!(
+                "ct state vmap {{ established : accept, related : accept, invalid : jump \
+                 {INVALID_CHAIN} }}"
+            ),
+        }
+    }
+}
