@@ -1298,3 +1298,101 @@ fn revoking_a_policy_cuts_its_established_flows_and_keeps_the_allowed_ones() {
         "the allowed flow continued"
     );
 }
+
+/// The host ruleset's shape since issue 6: `ct state vmap`, egress accept,
+/// `iifname . oifname vmap @pairs` with a pair chain of plain rules, then
+/// the drops. `open_6001` adds the port policy the second ruleset removes.
+fn pair_chain_ruleset(open_6001: bool) -> String {
+    let table = "anklume_t";
+    let port_rule = if open_6001 {
+        "\t\tmeta l4proto udp th dport 6001-6002 accept\n"
+    } else {
+        ""
+    };
+    format!(
+        "table inet {table} {{}}\ndelete table inet {table}\ntable inet {table} {{\n\
+         \tcomment \"{TABLE_COMMENT}\"\n\
+         \tset domain_bridges {{ type ifname; elements = {{ \"net-a\", \"net-b\" }} }}\n\
+         \tmap pairs {{ type ifname . ifname : verdict; elements = {{ \
+         \"net-a\" . \"net-a\" : accept, \"net-b\" . \"net-b\" : accept, \
+         \"net-a\" . \"net-b\" : jump pair/net-a/net-b }} }}\n\
+         \tchain isolation {{\n\t\ttype filter hook forward priority -1; policy accept;\n\
+         \t\tct state vmap {{ established : accept, related : accept, invalid : jump invalid }}\n\
+         \t\toifname != @domain_bridges oifname != \"net-*\" accept\n\
+         \t\tiifname . oifname vmap @pairs\n\
+         \t\tiifname != @domain_bridges iifname != \"net-*\" accept\n\
+         \t\tiifname @domain_bridges oifname @domain_bridges drop\n\t}}\n\
+         \tchain invalid {{\n\t\tiifname @domain_bridges drop\n\t\toifname @domain_bridges drop\n\t}}\n\
+         \tchain pair/net-a/net-b {{\n\
+         \t\tip saddr 10.231.1.2 ip daddr 10.231.2.2 udp dport 5001 accept\n\
+         {port_rule}\t}}\n}}\n"
+    )
+}
+
+#[test]
+fn revoking_a_port_of_a_pair_chain_cuts_its_flow_and_keeps_the_allowed_one() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    assert!(
+        anklume_isolation::runner::process::find_program("conntrack").is_some(),
+        "conntrack (conntrack-tools) is needed: lab/lab.sh install installs it"
+    );
+    let d = Domains::new("revpair");
+    let dir = tempfile::tempdir().unwrap();
+    let (r1_text, r2_text) = (pair_chain_ruleset(true), pair_chain_ruleset(false));
+    let (r1, r2) = (dir.path().join("r1.nft"), dir.path().join("r2.nft"));
+    std::fs::write(&r1, &r1_text).unwrap();
+    std::fs::write(&r2, &r2_text).unwrap();
+    let dest = dir.path().join("iso.nft");
+    let apply = |src: &Path| d.host.module(args(src, &dest, "anklume_t"));
+    let first = apply(&r1);
+    assert_eq!(first["failed"], false, "{first}");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let kept = udp_conversation(&d, 5001, Arc::clone(&stop));
+    let revoked = udp_conversation(&d, 6001, Arc::clone(&stop));
+    std::thread::sleep(Duration::from_millis(800));
+
+    // Positive control: plain `nft -f` of the narrower ruleset leaves the
+    // established 6001 conversation running.
+    d.host.nft_stdin(&r2_text);
+    let control_at = Instant::now();
+    std::thread::sleep(Duration::from_millis(1500));
+    d.host.nft_stdin(&r1_text);
+
+    let apply_started = Instant::now();
+    let out = apply(&r2);
+    let applied_at = Instant::now();
+    assert_eq!(out["failed"], false, "{out}");
+    assert_eq!(
+        out["revoked_connections"].as_u64(),
+        Some(1),
+        "exactly the 6001 conversation: {out}"
+    );
+    std::thread::sleep(Duration::from_millis(2000));
+    stop.store(true, Ordering::Relaxed);
+    let (kept_last, kept_n) = kept.join().unwrap();
+    let (revoked_last, revoked_n) = revoked.join().unwrap();
+    let (kept_last, revoked_last) = (kept_last.unwrap(), revoked_last.unwrap());
+    println!(
+        "pair-chain revocation: kept flow {kept_n} echoes, revoked flow {revoked_n} echoes; \
+         the apply took {:?}, the revoked flow's last echo came {:?} after it started, the \
+         kept flow's {:?} after it returned",
+        applied_at - apply_started,
+        revoked_last.saturating_duration_since(apply_started),
+        kept_last.saturating_duration_since(applied_at)
+    );
+    assert!(
+        revoked_last > control_at + Duration::from_millis(1000),
+        "positive control: without the cut, the established flow outlived plain nft -f"
+    );
+    assert!(
+        revoked_last < applied_at + Duration::from_millis(1000),
+        "the revoked flow was cut within a second"
+    );
+    assert!(
+        kept_last > applied_at + Duration::from_millis(1500),
+        "the allowed flow continued"
+    );
+}

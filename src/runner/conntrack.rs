@@ -53,16 +53,24 @@ impl Conntrack {
 }
 
 /// One line of `conntrack -L`: `udp 17 29 src=A dst=B sport=1 dport=2 ...`
-/// (the first src/dst/sport/dport are the original direction).
+/// (the first src/dst/sport/dport are the original direction, the second
+/// the reply's: not the original reversed when the flow was NATed).
 fn parse_flow(line: &str) -> Option<Flow> {
     let mut words = line.split_whitespace();
     words.next()?;
     let proto: u8 = words.next()?.parse().ok()?;
-    let first = |key: &str| {
+    let all = |key: &'static str| {
         line.split_whitespace()
-            .find_map(|w| w.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
+            .filter_map(move |w| w.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
     };
+    let first = |key: &'static str| all(key).next();
+    let reply = |key: &'static str| all(key).nth(1);
+    let nat = reply("src").is_some_and(|r| Some(r) != first("dst"))
+        || reply("dst").is_some_and(|r| Some(r) != first("src"))
+        || reply("sport").is_some_and(|r| Some(r) != first("dport"))
+        || reply("dport").is_some_and(|r| Some(r) != first("sport"));
     Some(Flow {
+        nat,
         proto,
         src: first("src")?.parse().ok()?,
         dst: first("dst")?.parse().ok()?,
@@ -114,6 +122,11 @@ mod tests {
         assert_eq!(flow.proto, 17);
         assert_eq!(flow.src.to_string(), "10.231.1.2");
         assert_eq!((flow.sport, flow.dport), (Some(40000), Some(5001)));
+        assert!(!flow.nat);
+        let dnat = "tcp      6 117 SYN_SENT src=10.231.1.2 dst=10.231.1.1 sport=40000 dport=80 [UNREPLIED] src=10.231.2.2 dst=10.231.1.2 sport=8080 dport=40000 mark=0 use=1";
+        assert!(parse_flow(dnat).unwrap().nat);
+        let masq = "tcp      6 117 SYN_SENT src=10.231.1.2 dst=192.0.2.9 sport=40000 dport=443 [UNREPLIED] src=192.0.2.9 dst=192.0.2.5 sport=443 dport=40000 mark=0 use=1";
+        assert!(parse_flow(masq).unwrap().nat);
         let icmp = "icmp     1 29 src=10.0.0.1 dst=10.0.0.2 type=8 code=0 id=7 src=10.0.0.2 dst=10.0.0.1 type=0 code=0 id=7 mark=0 use=1";
         assert_eq!(parse_flow(icmp).unwrap().dport, None);
         assert!(parse_flow("conntrack v1.4.7 (conntrack-tools): 0 flow entries").is_none());
