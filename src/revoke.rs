@@ -145,6 +145,9 @@ enum Key {
     Saddr(bool),
     Daddr(bool),
     CtState,
+    /// `ct status`: its only use in our tables is `ct status dnat` (what
+    /// Incus publishes by DNAT may enter a domain from outside).
+    CtStatus,
     /// `fib daddr [. iif] type`: whether `iif` is among the flags.
     FibType(bool),
     /// `icmp`/`icmpv6 type`: the protocol it implies.
@@ -346,6 +349,9 @@ impl Packet<'_> {
             Key::Saddr(_) => Val::Addr(flow.src),
             Key::Daddr(_) => Val::Addr(flow.dst),
             Key::CtState => Val::Name("new".into()),
+            // NATed flows never reach the evaluator (never cut), so the
+            // flow's status has no `dnat` bit: any status name but `dnat`.
+            Key::CtStatus => Val::Name("confirmed".into()),
             Key::FibType(with_iif) => {
                 let local = match (self.input, with_iif, self.iif) {
                     (false, _, _) => false,
@@ -661,8 +667,10 @@ fn key(v: &Value) -> Key {
             _ => Key::Unknown,
         };
     }
-    if get("ct", "key") == Some("state") {
-        return Key::CtState;
+    match get("ct", "key") {
+        Some("state") => return Key::CtState,
+        Some("status") => return Key::CtStatus,
+        _ => {}
     }
     if let Some(fib) = v.get("fib") {
         let flags: Vec<&str> = fib
@@ -863,6 +871,7 @@ mod tests {
     #[test]
     fn host_pair_chains_are_evaluated_as_the_kernel_would() {
         check(&table(HOST_PAIRS), &host(), HOST_CASES);
+        check(&table(HOST_PAIRS), &host(), HOST_INBOUND_CASES);
         // Since issue 6 the own gateway is closed but for its services,
         // and the host's other addresses are closed.
         check(

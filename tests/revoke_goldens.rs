@@ -97,6 +97,7 @@ fn check(
 fn the_host_golden_as_loaded_gives_the_recorded_verdicts() {
     let table = loaded("h", "policies.nft");
     check(&table, HOST_SUBNETS, HOST_CASES);
+    check(&table, HOST_SUBNETS, HOST_INBOUND_CASES);
     // Positive control: the same flows on a table that drops nothing are
     // not judged the same.
     let empty = Admission::of(&serde_json::json!({"nftables": []}), "anklume").unwrap();
