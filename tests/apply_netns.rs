@@ -15,41 +15,10 @@ use std::process::Command;
 
 const MODULE: &str = env!("CARGO_BIN_EXE_firewall_router_apply");
 
-/// A named network namespace, deleted when dropped.
-struct NetNs(String);
+mod common;
+use common::NetNs;
 
 impl NetNs {
-    fn new(tag: &str) -> NetNs {
-        let name = format!("ank-it-{tag}-{}", std::process::id());
-        let status = Command::new("ip").args(["netns", "add", &name]).status();
-        assert!(
-            status.is_ok_and(|s| s.success()),
-            "`ip netns add` failed: these tests need root and iproute2"
-        );
-        NetNs(name)
-    }
-
-    fn nft(&self, args: &[&str]) -> String {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.0, "nft"])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "nft {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    fn nft_stdin(&self, text: &str) {
-        let path = std::env::temp_dir().join(format!("{}-in.nft", self.0));
-        std::fs::write(&path, text).unwrap();
-        self.nft(&["-f", path.to_str().unwrap()]);
-        std::fs::remove_file(path).unwrap();
-    }
-
     /// Runs the module with `args` inside this namespace.
     fn module(&self, args: Value) -> Value {
         let dir = tempfile::tempdir().unwrap();
@@ -66,12 +35,6 @@ impl NetNs {
             String::from_utf8_lossy(&out.stderr)
         );
         serde_json::from_slice(&out.stdout).expect("the module prints one JSON object")
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
     }
 }
 

@@ -5,6 +5,9 @@
 //! After an intended change: `UPDATE_GOLDEN=1 cargo test --test
 //! golden_router`, then review the diff of `tests/golden/`.
 
+mod common;
+use common::nft_check;
+
 use anklume_isolation::model::firewall::FirewallInterface;
 use anklume_isolation::model::logging::RawLogging;
 use anklume_isolation::model::{
@@ -14,8 +17,6 @@ use anklume_isolation::plan::router::{router_logging, RouterPlan, RouterPlanInpu
 use anklume_isolation::plan::Capabilities;
 use anklume_isolation::render;
 use serde_json::{json, Value};
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
 
 struct Case {
     name: &'static str,
@@ -125,54 +126,13 @@ fn cases() -> Vec<Case> {
     ]
 }
 
-fn nft_check(text: &str) -> Result<(), String> {
-    let mut child = Command::new("unshare")
-        .args(["-rn", "nft", "-c", "-f", "/dev/stdin"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run `unshare -rn nft`: {e}"))?;
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
-}
-
 #[test]
 fn router_golden_rulesets_match_and_pass_nft_check() {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
-    let update = std::env::var_os("UPDATE_GOLDEN").is_some();
-    let mut failures = Vec::new();
-    for case in cases() {
-        let text = render_case(&case);
-        let path = dir.join(format!("{}.nft", case.name));
-        if update {
-            std::fs::write(&path, &text).unwrap();
-        }
-        match std::fs::read_to_string(&path) {
-            Ok(golden) if golden == text => {}
-            Ok(_) => failures.push(format!(
-                "{}: rendered text differs from {} (UPDATE_GOLDEN=1 to accept)",
-                case.name,
-                path.display()
-            )),
-            Err(e) => failures.push(format!("{}: {e}", path.display())),
-        }
-        if let Err(err) = nft_check(&text) {
-            failures.push(format!("{}: nft -c refused it:\n{err}", case.name));
-        }
-    }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    common::check_goldens(
+        cases()
+            .iter()
+            .map(|case| (case.name.to_string(), render_case(case))),
+    );
 }
 
 #[test]

@@ -8,48 +8,15 @@
 use anklume_isolation::revoke::{Admission, Flow, Interfaces, TableVerdict};
 use serde_json::Value;
 use std::path::Path;
-use std::process::Command;
 
 include!("fixtures/revoke/cases.rs");
 
-/// A named network namespace, deleted when dropped.
-struct NetNs(String);
-
-impl NetNs {
-    fn new(tag: &str) -> NetNs {
-        let name = format!("ank-it-rv{tag}-{}", std::process::id());
-        let status = Command::new("ip").args(["netns", "add", &name]).status();
-        assert!(
-            status.is_ok_and(|s| s.success()),
-            "`ip netns add` failed: these tests need root and iproute2"
-        );
-        NetNs(name)
-    }
-
-    fn nft(&self, args: &[&str]) -> String {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.0, "nft"])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "nft {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
+mod common;
+use common::NetNs;
 
 /// The golden loaded into real nft, as `nft -j` lists it.
 fn loaded(tag: &str, golden: &str) -> Admission {
-    let ns = NetNs::new(tag);
+    let ns = NetNs::new(&format!("rv{tag}"));
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/golden")
         .join(golden);

@@ -17,6 +17,9 @@ use std::process::{Child, Command, Stdio};
 const MODULE: &str = env!("CARGO_BIN_EXE_firewall_router_apply");
 const TABLE: &str = "anklume_i8";
 /// Domains of the test: (bridge, third octet / IPv6 group).
+mod common;
+use common::{must, sh};
+
 const DOMAINS: [(&str, u8); 3] = [("net-anklume", 10), ("net-pro", 11), ("net-perso", 12)];
 
 struct Lab {
@@ -24,23 +27,6 @@ struct Lab {
     domains: Vec<String>,
     listeners: Vec<Child>,
     interfaces: Vec<FirewallInterface>,
-}
-
-fn sh(ns: &str, script: &str) -> std::process::Output {
-    Command::new("ip")
-        .args(["netns", "exec", ns, "sh", "-c", script])
-        .output()
-        .unwrap()
-}
-
-fn must(ns: &str, script: &str) -> String {
-    let out = sh(ns, script);
-    assert!(
-        out.status.success(),
-        "{ns}: {script}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn interfaces() -> Vec<FirewallInterface> {

@@ -22,51 +22,15 @@ use serde_json::{json, Value};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
+mod common;
+use common::{must, nft_load, sh};
+
 const APPLY: &str = env!("CARGO_BIN_EXE_firewall_router_apply");
 const ROUTING: &str = env!("CARGO_BIN_EXE_firewall_vm_routing");
 const DOMAINS: [(&str, u8); 3] = [("net-anklume", 10), ("net-pro", 11), ("net-perso", 12)];
 const ADMIN: usize = 0;
 const PRO: usize = 1;
 const PERSO: usize = 2;
-
-fn sh(ns: &str, script: &str) -> std::process::Output {
-    Command::new("ip")
-        .args(["netns", "exec", ns, "sh", "-c", script])
-        .output()
-        .unwrap()
-}
-
-fn must(ns: &str, script: &str) -> String {
-    let out = sh(ns, script);
-    assert!(
-        out.status.success(),
-        "{ns}: {script}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn nft_load(ns: &str, text: &str) {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", ns, "nft", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 fn interfaces() -> Vec<FirewallInterface> {
     let pattern = BridgePattern::new("net-").unwrap();
