@@ -162,8 +162,11 @@ pub enum Load<'a> {
     /// The whole rendered ruleset (its header replaces our table).
     Table(&'a str),
     /// Only set and map elements changed: an `nft -j` batch that flushes
-    /// and refills them in one transaction ([`crate::effects::set_only_update`]).
+    /// and refills them in one transaction ([`crate::effects::in_place_update`]).
     Sets(&'a str),
+    /// Elements and the non-base chains that maps jump to changed (a policy
+    /// edit): one `nft -j` transaction that leaves the base chains in place.
+    Chains(&'a str),
 }
 
 impl Load<'_> {
@@ -171,6 +174,7 @@ impl Load<'_> {
         match self {
             Load::Table(_) => "table",
             Load::Sets(_) => "sets",
+            Load::Chains(_) => "chains",
         }
     }
 }
@@ -198,7 +202,7 @@ pub fn load_confirmed(
     let before = snapshot(nft, table)?;
     let loaded = match load {
         Load::Table(text) => nft.load(text),
-        Load::Sets(batch) => nft.load_json(batch),
+        Load::Sets(batch) | Load::Chains(batch) => nft.load_json(batch),
     };
     let result = loaded.and_then(|()| confirm(nft));
     let Err(err) = result else {

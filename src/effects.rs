@@ -16,7 +16,7 @@
 
 use anyhow::{bail, Context};
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// What one enforcement mode may load. Router mode (the firewall VM) adds
@@ -299,47 +299,145 @@ pub fn check_effects(
     Ok(())
 }
 
-/// When the live table and the wanted one differ only in the elements of
-/// their sets and maps, the `nft -j -f` batch that updates just those (for
-/// each: `flush set` then `add element`), applied in one transaction: no
-/// chain, rule or set is recreated, so no packet meets a half-built table
-/// (a whole-table swap dropped 6 of 40,051 packets of an allowed flow over
-/// 400 swaps; element updates dropped none). `None` when anything else
-/// differs (or nothing does): then the whole table is replaced.
-pub fn set_only_update(live: &Value, want: &Value) -> Option<String> {
-    let parse = |v: &Value| serde_json::from_value::<Listing>(v.clone()).ok();
-    let (live, want) = (parse(live)?, parse(want)?);
-    let (live, want): (Vec<_>, Vec<_>) = (live.objects().collect(), want.objects().collect());
-    if live.len() != want.len() {
+/// How a live table becomes the wanted one without replacing it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InPlace {
+    /// The `nft -j -f` batch, applied in one transaction.
+    pub batch: String,
+    /// Whether non-base chains are added, refilled or removed (a policy
+    /// edit in the pair-chain layout), or only set and map elements change.
+    pub chains: bool,
+}
+
+/// When the live table and the wanted one have the same table, base chains
+/// (with their rules), sets and maps (definitions), and differ only in set
+/// and map elements and in the non-base chains the maps jump to, the
+/// `nft -j -f` batch that changes just those, in one transaction: new
+/// chains and their rules first, then changed chains flushed and refilled,
+/// then each changed set or map flushed and refilled (so a verdict map only
+/// ever points at chains that exist), then the chains nothing points at any
+/// more deleted. No base chain is recreated, so no packet meets a
+/// half-built table (a whole-table swap dropped 6 of 40,051 packets of an
+/// allowed flow over 400 swaps; element updates dropped none). `None` when
+/// anything else differs (or nothing does): then the whole table is
+/// replaced.
+pub fn in_place_update(live: &Value, want: &Value) -> Option<InPlace> {
+    let (live, want) = (Parts::of(live)?, Parts::of(want)?);
+    if live.fixed != want.fixed || live.base_chains != want.base_chains {
         return None;
     }
-    let mut batch = Vec::new();
-    for ((live_kind, live_obj), (kind, obj)) in live.iter().zip(&want) {
-        let without_elements = |o: &Object| {
-            let mut o = o.clone();
-            o.rest.remove("elem");
-            o
-        };
-        if live_kind != kind || without_elements(live_obj) != without_elements(obj) {
-            return None;
-        }
-        if live_obj.rest.get("elem") == obj.rest.get("elem") {
-            continue;
-        }
-        if !matches!(*kind, "set" | "map") {
-            return None;
-        }
-        let id = serde_json::json!({
-            "family": obj.family, "table": obj.table, "name": obj.name,
-        });
-        batch.push(serde_json::json!({ "flush": { *kind: id } }));
-        if let Some(elem) = obj.rest.get("elem") {
-            let mut element = id.clone();
-            element["elem"] = elem.clone();
-            batch.push(serde_json::json!({ "add": { "element": element } }));
+    let (live_sets, want_sets) = (&live.sets, &want.sets);
+    if live_sets.keys().ne(want_sets.keys()) {
+        return None;
+    }
+    let mut added_chains = Vec::new();
+    let mut refilled = Vec::new();
+    let mut sets = Vec::new();
+    let mut deleted = Vec::new();
+    for (name, (chain, rules)) in &want.chains {
+        match live.chains.get(name) {
+            None => {
+                added_chains.push(json!({ "add": { "chain": chain } }));
+                added_chains.extend(rules.iter().map(|r| json!({ "add": { "rule": r } })));
+            }
+            Some((live_chain, _)) if live_chain != chain => return None,
+            Some((_, live_rules)) if live_rules != rules => {
+                refilled.push(json!({ "flush": { "chain": chain } }));
+                refilled.extend(rules.iter().map(|r| json!({ "add": { "rule": r } })));
+            }
+            Some(_) => {}
         }
     }
-    (!batch.is_empty()).then(|| serde_json::json!({ "nftables": batch }).to_string())
+    for (name, (chain, _)) in &live.chains {
+        if !want.chains.contains_key(name) {
+            deleted.push(json!({ "delete": { "chain": chain } }));
+        }
+    }
+    for ((kind, _), set) in want_sets {
+        let live_set = &live_sets[&(kind.clone(), set["name"].to_string())];
+        let without_elements = |o: &Value| {
+            let mut o = o.clone();
+            if let Some(o) = o.as_object_mut() {
+                o.remove("elem");
+            }
+            o
+        };
+        if without_elements(live_set) != without_elements(set) {
+            return None;
+        }
+        if live_set.get("elem") == set.get("elem") {
+            continue;
+        }
+        let id = json!({ "family": set["family"], "table": set["table"], "name": set["name"] });
+        sets.push(json!({ "flush": { kind.as_str(): id } }));
+        if let Some(elem) = set.get("elem") {
+            let mut element = id.clone();
+            element["elem"] = elem.clone();
+            sets.push(json!({ "add": { "element": element } }));
+        }
+    }
+    let chains = !(added_chains.is_empty() && refilled.is_empty() && deleted.is_empty());
+    let batch: Vec<Value> = [added_chains, refilled, sets, deleted].concat();
+    (!batch.is_empty()).then(|| InPlace {
+        batch: json!({ "nftables": batch }).to_string(),
+        chains,
+    })
+}
+
+/// A canonical table listing split the way [`in_place_update`] compares it.
+struct Parts {
+    /// The table itself and every object that is not a set, map, chain or
+    /// rule (limits, counters), in listing order.
+    fixed: Vec<Value>,
+    /// Base chains and their rules, in order.
+    base_chains: BTreeMap<String, (Value, Vec<Value>)>,
+    /// Regular chains and their rules, in order.
+    chains: BTreeMap<String, (Value, Vec<Value>)>,
+    /// (kind, name) -> set or map.
+    sets: BTreeMap<(String, String), Value>,
+}
+
+impl Parts {
+    fn of(listing: &Value) -> Option<Parts> {
+        let mut parts = Parts {
+            fixed: Vec::new(),
+            base_chains: BTreeMap::new(),
+            chains: BTreeMap::new(),
+            sets: BTreeMap::new(),
+        };
+        let mut rules: Vec<Value> = Vec::new();
+        for entry in listing.get("nftables")?.as_array()? {
+            let (kind, object) = entry.as_object()?.iter().next()?;
+            match kind.as_str() {
+                "metainfo" => {}
+                "set" | "map" => {
+                    parts.sets.insert(
+                        (kind.clone(), object.get("name")?.to_string()),
+                        object.clone(),
+                    );
+                }
+                "chain" => {
+                    let name = object.get("name")?.as_str()?.to_string();
+                    let into = match object.get("hook") {
+                        Some(_) => &mut parts.base_chains,
+                        None => &mut parts.chains,
+                    };
+                    into.insert(name, (object.clone(), Vec::new()));
+                }
+                "rule" => rules.push(object.clone()),
+                _ => parts.fixed.push(entry.clone()),
+            }
+        }
+        for rule in rules {
+            let chain = rule.get("chain")?.as_str()?.to_string();
+            let (_, list) = match parts.base_chains.get_mut(&chain) {
+                Some(found) => found,
+                None => parts.chains.get_mut(&chain)?,
+            };
+            list.push(rule);
+        }
+        Some(parts)
+    }
 }
 
 /// The table comment in `nft list table` text (nft 1.0.6 prints it, but
@@ -444,7 +542,9 @@ mod tests {
     fn only_element_changes_become_a_set_update() {
         let a = listing(OURS).table_canonical("t");
         let b = listing(&OURS.replace(r#""net-b", "net-a""#, r#""net-c""#)).table_canonical("t");
-        let batch: Value = serde_json::from_str(&set_only_update(&a, &b).unwrap()).unwrap();
+        let update = in_place_update(&a, &b).unwrap();
+        assert!(!update.chains);
+        let batch: Value = serde_json::from_str(&update.batch).unwrap();
         assert_eq!(
             batch,
             serde_json::json!({"nftables": [
@@ -452,15 +552,56 @@ mod tests {
                 {"add": {"element": {"family": "inet", "table": "t", "name": "b", "elem": ["net-c"]}}}
             ]})
         );
-        assert_eq!(set_only_update(&a, &a), None, "nothing to do");
+        assert_eq!(in_place_update(&a, &a), None, "nothing to do");
         let c = listing(&OURS.replace("\"net-*\"", "\"br-*\"")).table_canonical("t");
-        assert_eq!(set_only_update(&a, &c), None, "a rule changed: whole table");
+        assert_eq!(
+            in_place_update(&a, &c),
+            None,
+            "a base chain's rule changed: whole table"
+        );
         let d = listing(&OURS.replace("\"prio\": -1", "\"prio\": 0")).table_canonical("t");
         assert_eq!(
-            set_only_update(&a, &d),
+            in_place_update(&a, &d),
             None,
             "a chain changed: whole table"
         );
+    }
+
+    /// A regular chain (a pair chain) and its rule, as in the pair-chain
+    /// layout: `{port}` is the port its one rule accepts.
+    fn pair_chain(name: &str, port: u16) -> String {
+        format!(
+            r#", {{"chain": {{"family": "inet", "table": "t", "name": "{name}", "handle": 7}}}},
+            {{"rule": {{"family": "inet", "table": "t", "chain": "{name}", "handle": 8, "expr": [{{"match": {{"op": "==", "left": {{"payload": {{"protocol": "th", "field": "dport"}}}}, "right": {port}}}}}, {{"accept": null}}]}}}}"#
+        )
+    }
+
+    #[test]
+    fn regular_chain_changes_stay_in_place_and_keep_the_base_chains() {
+        let a = listing(&format!("{OURS}{}", pair_chain("p1", 22))).table_canonical("t");
+        // A rule of a regular chain changed: flushed and refilled.
+        let b = listing(&format!("{OURS}{}", pair_chain("p1", 443))).table_canonical("t");
+        let update = in_place_update(&a, &b).unwrap();
+        assert!(update.chains);
+        let batch: Value = serde_json::from_str(&update.batch).unwrap();
+        let ops: Vec<String> = batch["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|op| {
+                let (verb, obj) = op.as_object().unwrap().iter().next().unwrap();
+                let (kind, _) = obj.as_object().unwrap().iter().next().unwrap();
+                format!("{verb} {kind}")
+            })
+            .collect();
+        assert_eq!(ops, ["flush chain", "add rule"]);
+        // One chain replaced by another: added (with its rule) first, the
+        // old one deleted last.
+        let c = listing(&format!("{OURS}{}", pair_chain("p2", 22))).table_canonical("t");
+        let batch: Value = serde_json::from_str(&in_place_update(&a, &c).unwrap().batch).unwrap();
+        let ops = batch["nftables"].as_array().unwrap();
+        assert_eq!(ops.first().unwrap()["add"]["chain"]["name"], "p2");
+        assert_eq!(ops.last().unwrap()["delete"]["chain"]["name"], "p1");
     }
 
     #[test]

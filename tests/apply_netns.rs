@@ -918,6 +918,52 @@ fn set_only_changes_update_the_sets_in_place_and_structure_changes_swap_the_tabl
     assert_ne!(handles(), before);
 }
 
+#[test]
+fn policy_edits_change_pair_chains_in_place_and_keep_the_base_chains() {
+    let ns = NetNs::new("chains");
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("iso.nft");
+    let allow = json!({"from": "a", "to": "b", "ports": [5001], "protocol": "udp"});
+    let r1 = render(dir.path(), "r1", json!([allow]));
+    // A new pair (c -> a) with its own chain.
+    let r2 = render(
+        dir.path(),
+        "r2",
+        json!([allow, {"from": "c", "to": "a", "ports": [7000], "protocol": "tcp"}]),
+    );
+    // The same pair (a -> b), a rule of its chain changed.
+    let r3 = render(
+        dir.path(),
+        "r3",
+        json!([{"from": "a", "to": "b", "ports": ["5001-5002"], "protocol": "udp"}]),
+    );
+    assert_eq!(ns.module(args(&r1, &dest, "anklume_t"))["update"], "table");
+    let base = || ns.nft(&["-a", "list", "chain", "inet", "anklume_t", "isolation"]);
+    let before = base();
+    let live = || ns.nft(&["list", "table", "inet", "anklume_t"]);
+    for (src, present, absent) in [
+        (&r2, "dport 7000", "5001-5002"),
+        (&r1, "dport 5001", "dport 7000"),
+        (&r3, "5001-5002", "dport 7000"),
+    ] {
+        let out = ns.module(args(src, &dest, "anklume_t"));
+        assert_eq!(out["failed"], false, "{out}");
+        assert_eq!(out["update"], "chains", "{out}");
+        let text = live();
+        assert!(text.contains(present) && !text.contains(absent), "{text}");
+        assert_eq!(
+            ns.module(args(src, &dest, "anklume_t"))["changed"],
+            false,
+            "the in-place update left exactly the rendered table"
+        );
+    }
+    assert_eq!(
+        base(),
+        before,
+        "the base chain and its rules were not recreated"
+    );
+}
+
 /// Runs `f` on a thread that has entered the named network namespace.
 fn in_netns_thread<T: Send + 'static>(
     ns: &str,
@@ -1057,7 +1103,8 @@ fn udp_receive_buffer_errors(ns: &str) -> u64 {
 /// `make test-stress`: >= 1000 re-applies under traffic. While a client in
 /// domain a sends to domain b on an allowed and a denied port, the module
 /// re-applies STRESS_APPLIES times (default 1000), alternating two rulesets
-/// that differ only in another policy's set elements: every allowed datagram
+/// that differ only in another policy (its pair chain and map element,
+/// updated in place): every allowed datagram
 /// must arrive and no denied one. Then STRESS_SWAPS (default 200) re-applies
 /// alternate with a structurally different ruleset (logging on), which
 /// replaces the whole table: nothing denied may leak; the allowed datagrams
@@ -1118,7 +1165,9 @@ fn stress_reapplies_under_traffic_drop_nothing_allowed_and_leak_nothing() {
         assert_eq!(t.leaked, 0, "denied datagrams leaked");
         t
     };
-    let sets = run("set updates", applies, &r2, "sets");
+    // A policy more or less: a pair chain added or removed, the pairs map
+    // refilled, in one transaction that keeps the base chains.
+    let sets = run("in-place updates", applies, &r2, "chains");
     assert_eq!(
         sets.sent - sets.allowed_received,
         0,

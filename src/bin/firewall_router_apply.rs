@@ -4,7 +4,7 @@
 //! only ever touches its own, marked table.
 
 use anklume_isolation::apply::{self, Load, ModeRules, Ownership, HOST_MODE, ROUTER_MODE};
-use anklume_isolation::effects::set_only_update;
+use anklume_isolation::effects::in_place_update;
 use anklume_isolation::guard::{check_ruleset, check_table_name, strip_log_statements};
 use anklume_isolation::model::firewall::{parse_interfaces, FirewallInterface, RawInterface};
 use anklume_isolation::model::TableName;
@@ -192,13 +192,14 @@ fn present(
         Ownership::Absent | Ownership::Adopted => None,
     };
     let live_changed = live.as_ref() != Some(&verified.want);
-    // Only set contents changed: update them in one transaction instead of
-    // swapping the whole table.
-    let set_batch = live
+    // Same base chains: update elements (and the chains maps jump to) in
+    // one transaction instead of swapping the whole table.
+    let in_place = live
         .as_ref()
-        .and_then(|live| set_only_update(live, &verified.want));
-    let load = live_changed.then(|| match &set_batch {
-        Some(batch) => Load::Sets(batch),
+        .and_then(|live| in_place_update(live, &verified.want));
+    let load = live_changed.then(|| match &in_place {
+        Some(update) if update.chains => Load::Chains(&update.batch),
+        Some(update) => Load::Sets(&update.batch),
         None => Load::Table(&desired),
     });
     let file_changed = !files.holds(&desired);
