@@ -256,8 +256,11 @@ fn objects<'a>(json: &'a Value, kind: &'a str) -> impl Iterator<Item = &'a Value
 }
 
 /// Removes what differs between two listings of the same ruleset: handles,
-/// the metainfo header, and the order of set elements (hash sets list in
-/// hash order, which depends on a per-set random seed).
+/// the metainfo header, the order of set elements (hash sets list in hash
+/// order, which depends on a per-set random seed), and the order of a
+/// table's objects (nft lists chains in creation order, so a chain added in
+/// place lists after one loaded with the whole table; only the order of the
+/// rules inside a chain has a meaning, and the stable sort keeps it).
 pub fn canonical(mut json: Value) -> Value {
     fn walk(v: &mut Value) {
         match v {
@@ -276,9 +279,32 @@ pub fn canonical(mut json: Value) -> Value {
     }
     if let Some(items) = json.get_mut("nftables").and_then(Value::as_array_mut) {
         items.retain(|item| item.get("metainfo").is_none());
+        items.sort_by_cached_key(object_order);
     }
     walk(&mut json);
     json
+}
+
+/// Where an object of a listing sorts in [`canonical`]: by kind (tables
+/// first, rules last), then by the name of the object or, for a rule, of
+/// its chain.
+fn object_order(item: &Value) -> (u8, String, String) {
+    let Some((kind, object)) = item.as_object().and_then(|o| o.iter().next()) else {
+        return (u8::MAX, String::new(), String::new());
+    };
+    let rank = match kind.as_str() {
+        "table" => 0,
+        "set" | "map" => 1,
+        "chain" => 3,
+        "rule" => 4,
+        _ => 2,
+    };
+    let field = |key: &str| object.get(key).and_then(Value::as_str).unwrap_or_default();
+    (
+        rank,
+        field("table").to_string() + "/" + field(if rank == 4 { "chain" } else { "name" }),
+        kind.clone(),
+    )
 }
 
 #[cfg(test)]
@@ -302,5 +328,19 @@ mod tests {
         let c = json!({"nftables": [{"set": {"name": "s", "elem": ["a", "c"]}}]});
         let d = json!({"nftables": [{"set": {"name": "s", "elem": ["a", "b"]}}]});
         assert_ne!(canonical(c), canonical(d));
+    }
+
+    #[test]
+    fn canonical_form_ignores_chain_order_but_not_rule_order() {
+        let chain = |name: &str| json!({"chain": {"table": "t", "name": name}});
+        let rule = |chain: &str, n: u64| json!({"rule": {"table": "t", "chain": chain, "expr": n}});
+        let a =
+            json!({"nftables": [chain("x"), chain("y"), rule("x", 1), rule("x", 2), rule("y", 3)]});
+        let b =
+            json!({"nftables": [chain("y"), chain("x"), rule("y", 3), rule("x", 1), rule("x", 2)]});
+        assert_eq!(canonical(a.clone()), canonical(b));
+        let swapped =
+            json!({"nftables": [chain("x"), chain("y"), rule("x", 2), rule("x", 1), rule("y", 3)]});
+        assert_ne!(canonical(a), canonical(swapped));
     }
 }
