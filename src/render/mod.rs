@@ -11,7 +11,7 @@ use crate::plan::rules::{
     HOST_SERVICES, HOST_SERVICES_V4, HOST_SERVICES_V6, INBOUND, LOG_BUDGET, PAIRS, PROTECTED_OPEN,
     PROTECTED_V4, PROTECTED_V6,
 };
-use crate::plan::{HostAddrExceptions, HostPlan, PortSet};
+use crate::plan::{HostAddrExceptions, HostPlan, PairExceptions, PortSet};
 use anyhow::Context;
 use minijinja::{Environment, UndefinedBehavior};
 use serde::Serialize;
@@ -24,6 +24,7 @@ pub mod router;
 pub use crate::plan::rules::{deny_chain_name, host_deny_chain_name};
 
 const HOST_TEMPLATE: &str = include_str!("host.nft.j2");
+const ROUTER_TEMPLATE: &str = include_str!("router.nft.j2");
 
 /// The comment every table we render carries: the enforcer refuses to
 /// replace or delete a live table of the same name without it (Incus's
@@ -32,6 +33,7 @@ pub const TABLE_COMMENT: &str = "managed by anklume-isolation";
 /// Width of the `#` comments the renderer wraps.
 const COMMENT_WIDTH: usize = 72;
 
+/// Every template of the crate, with the same strict settings.
 fn environment() -> &'static Environment<'static> {
     static ENV: OnceLock<Environment<'static>> = OnceLock::new();
     ENV.get_or_init(|| {
@@ -46,8 +48,26 @@ fn environment() -> &'static Environment<'static> {
         // build defect caught by every render test.
         env.add_template("host.nft", HOST_TEMPLATE)
             .expect("host.nft.j2 is a valid template");
+        env.add_template("router.nft", ROUTER_TEMPLATE)
+            .expect("router.nft.j2 is a valid template");
         env
     })
+}
+
+/// The `pairs` verdict map's elements: a pair that opens everything
+/// accepts, any other jumps to its own chain (host and router alike).
+fn pair_map_elements(pairs: &BTreeMap<(IfName, IfName), PairExceptions>) -> Vec<String> {
+    pairs
+        .iter()
+        .map(|((i, o), pair)| {
+            let verdict = if pair.all {
+                "accept".to_string()
+            } else {
+                format!("jump {}", pair_chain_name(i, o))
+            };
+            format!("{} . {} : {verdict}", quoted(i), quoted(o))
+        })
+        .collect()
 }
 
 fn quoted(n: &IfName) -> String {
@@ -279,18 +299,7 @@ fn maps(plan: &HostPlan) -> Vec<MapView> {
              that policies open with ports or for machines jumps to its own chain.",
         ),
         type_: "ifname . ifname : verdict",
-        elements: plan
-            .pairs
-            .iter()
-            .map(|((i, o), pair)| {
-                let verdict = if pair.all {
-                    "accept".to_string()
-                } else {
-                    format!("jump {}", pair_chain_name(i, o))
-                };
-                format!("{} . {} : {verdict}", quoted(i), quoted(o))
-            })
-            .collect(),
+        elements: pair_map_elements(&plan.pairs),
     }];
     if plan.has_protected() && !plan.protected_open.is_empty() {
         maps.push(MapView {

@@ -2,16 +2,12 @@
 //! (vm mode). Pure, like the host render, and its pair chains are the host
 //! plan's own rules ([`crate::plan::rules::pair_rules`]).
 
-use super::{quoted, wrap};
+use super::{environment, pair_map_elements, quoted, wrap};
 use crate::model::IfName;
 use crate::plan::router::RouterPlan;
 use crate::plan::rules::{pair_chain_name, pair_rules, Rule, DENY_LOG, LOG_BUDGET, PAIRS};
 use anyhow::Context;
-use minijinja::{Environment, UndefinedBehavior};
 use serde::Serialize;
-use std::sync::OnceLock;
-
-const ROUTER_TEMPLATE: &str = include_str!("router.nft.j2");
 
 /// Chains and sets of the router table, named once.
 pub const FORWARD_CHAIN: &str = "forward";
@@ -26,21 +22,6 @@ pub const EVENT_DENY: &str = "DENY";
 pub const EVENT_INVALID: &str = "INVALID";
 pub const EVENT_DROP: &str = "DROP";
 pub const EVENT_INPUT_DROP: &str = "INPUT-DROP";
-
-fn environment() -> &'static Environment<'static> {
-    static ENV: OnceLock<Environment<'static>> = OnceLock::new();
-    ENV.get_or_init(|| {
-        let mut env = Environment::new();
-        env.set_trim_blocks(true);
-        env.set_lstrip_blocks(true);
-        env.set_keep_trailing_newline(true);
-        // A misspelt variable is an error, not a silently missing match.
-        env.set_undefined_behavior(UndefinedBehavior::Strict);
-        env.add_template("router.nft", ROUTER_TEMPLATE)
-            .expect("router.nft.j2 is a valid template");
-        env
-    })
-}
 
 /// The chain that logs and drops what a domain may not send to another.
 pub fn router_deny_chain_name(iface: &IfName) -> String {
@@ -105,18 +86,7 @@ fn rule_text(rule: &Rule) -> String {
 
 /// Renders the firewall router's ruleset.
 pub fn router(plan: &RouterPlan) -> anyhow::Result<String> {
-    let pairs = plan
-        .pairs
-        .iter()
-        .map(|((i, o), pair)| {
-            let verdict = if pair.all {
-                "accept".to_string()
-            } else {
-                format!("jump {}", pair_chain_name(i, o))
-            };
-            format!("{} . {} : {verdict}", quoted(i), quoted(o))
-        })
-        .collect();
+    let pairs = pair_map_elements(&plan.pairs);
     let pair_chains = plan
         .pairs
         .iter()
