@@ -83,7 +83,7 @@ pub enum Family {
 }
 
 impl Family {
-    fn ip(self) -> &'static str {
+    pub(super) fn ip(self) -> &'static str {
         match self {
             Family::V4 => "ip",
             Family::V6 => "ip6",
@@ -179,16 +179,18 @@ pub enum Action {
     CtVmap,
 }
 
+/// A rule: conditions (the inet table's [`Cond`], or the bridge table's
+/// [`super::machines::BCond`]) and an action.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rule {
+pub struct Rule<C = Cond> {
     /// Why the rule sits where it sits, rendered as a comment above it.
     pub why: Option<&'static str>,
-    pub conds: Vec<Cond>,
+    pub conds: Vec<C>,
     pub action: Action,
 }
 
-impl Rule {
-    fn new(conds: Vec<Cond>, action: Action) -> Rule {
+impl<C> Rule<C> {
+    pub(super) fn new(conds: Vec<C>, action: Action) -> Rule<C> {
         Rule {
             why: None,
             conds,
@@ -196,21 +198,21 @@ impl Rule {
         }
     }
 
-    fn why(mut self, why: &'static str) -> Rule {
+    pub(super) fn why(mut self, why: &'static str) -> Rule<C> {
         self.why = Some(why);
         self
     }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Chain {
+pub struct Chain<C = Cond> {
     pub name: String,
     /// `(hook, priority)` for base chains (policy accept).
     pub hook: Option<(&'static str, i32)>,
     pub why: Option<&'static str>,
     /// The pair a pair chain belongs to.
     pub pair: Option<(IfName, IfName)>,
-    pub rules: Vec<Rule>,
+    pub rules: Vec<Rule<C>>,
 }
 
 impl HostPlan {
@@ -269,7 +271,7 @@ impl HostPlan {
         chains
     }
 
-    fn log(&self, event: &str) -> Option<Action> {
+    pub(super) fn log(&self, event: &str) -> Option<Action> {
         self.logging
             .as_ref()
             .map(|l| Action::Log(l.line_prefix(event, None)))
