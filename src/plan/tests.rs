@@ -9,6 +9,10 @@ use crate::model::{confine_to_bridges, Machine, PolicySpec, World};
 use serde_json::{json, Value};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+pub(super) fn test_bridges(names: &[&str]) -> Vec<DomainBridge> {
+    bridges(names)
+}
+
 fn bridges(names: &[&str]) -> Vec<DomainBridge> {
     let pattern = BridgePattern::new("net-").unwrap();
     names
@@ -24,7 +28,7 @@ fn bridges(names: &[&str]) -> Vec<DomainBridge> {
         .collect()
 }
 
-fn machine(name: &str, bridge: &str, v4: &[&str], v6: &[&str]) -> Machine {
+pub(super) fn machine(name: &str, bridge: &str, v4: &[&str], v6: &[&str]) -> Machine {
     let mut m = Machine::new(
         Name::new("machine", name).unwrap(),
         "lab",
