@@ -15,7 +15,7 @@ use anklume_isolation::model::{
     confine_to_bridges, BridgePattern, DomainBridge, DomainSettings, GatewayServices, IfName,
     Machine, Name, PolicySpec, TableName, World,
 };
-use anklume_isolation::plan::eval::{Frame, FrameL4, Payload, Verdict};
+use anklume_isolation::plan::eval::{CtState, Forwarded, Frame, FrameL4, Payload, Verdict, L4};
 use anklume_isolation::plan::{Capabilities, HostPlan, HostPlanInput};
 use anklume_isolation::render;
 use serde_json::{json, Value};
@@ -80,10 +80,17 @@ impl Lab {
             must(
                 name,
                 "ip link set lo up && sysctl -qw net.ipv6.conf.all.accept_dad=0 \
-                 net.ipv6.conf.default.accept_dad=0",
+                 net.ipv6.conf.default.accept_dad=0 net.ipv4.conf.all.accept_redirects=0 \
+                 net.ipv4.conf.default.accept_redirects=0 \
+                 net.ipv6.conf.all.accept_redirects=0 net.ipv6.conf.default.accept_redirects=0",
             );
         };
         add(&host);
+        // The host routes, as an Incus host does.
+        must(
+            &host,
+            "sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1",
+        );
         for (bridge, n, mac) in [
             (PRO, 1, "02:00:00:09:01:01"),
             (PERSO, 2, "02:00:00:09:02:01"),
@@ -196,6 +203,25 @@ impl Lab {
         )
         .status
         .success()
+    }
+
+    /// Routes between machines `a` and `b` through the gateway (both ways),
+    /// as a machine's root can set: the host routes their packets back onto
+    /// the bridge. `add` false removes them.
+    fn via_gateway(&self, a: usize, b: usize, add: bool) {
+        let verb = if add { "add" } else { "del" };
+        for (from, to) in [(a, b), (b, a)] {
+            let (_, _, n, _, _) = MACHINES[from];
+            must(
+                &self.machines[from],
+                &format!(
+                    "ip route {verb} {}/32 via 10.209.{n}.1 && \
+                     ip -6 route {verb} {}/128 via fd09:{n}::1",
+                    v4(to),
+                    v6(to)
+                ),
+            );
+        }
     }
 
     fn load(&self, text: &str) {
@@ -355,6 +381,24 @@ fn probes(lab: &Lab, isolated: bool, plan: Option<&HostPlan>) {
     // ARP between them keeps working (a policy flow needs it).
     assert!(lab.arping(A, B), "arping a -> b");
     assert!(lab.arping(C, B), "arping c -> b");
+    // Through the gateway's MAC: the host routes it back onto the bridge,
+    // where the bridge table does not see it; the inet table drops it.
+    lab.via_gateway(C, B, true);
+    for addr in [v4(B), v6(B)] {
+        assert_eq!(lab.ping(C, &addr), ok, "ping c -> b via the gateway {addr}");
+    }
+    lab.via_gateway(C, B, false);
+    if let Some(plan) = plan {
+        let routed = Forwarded {
+            iif: PRO,
+            oif: PRO,
+            src: v4(C).parse().unwrap(),
+            dst: v4(B).parse().unwrap(),
+            l4: L4::Icmp,
+            ct: CtState::New,
+        };
+        assert_eq!(plan.forward_verdict(&routed) == Verdict::Accept, ok);
+    }
 }
 
 fn run(br_netfilter: bool) {

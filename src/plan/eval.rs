@@ -131,6 +131,10 @@ struct Packet<'a> {
     host_dst: Option<HostDst>,
     l4: L4,
     ct: CtState,
+    /// The Ethernet destination of a forwarded packet: `None` for one the
+    /// host routes (addressed to its own MAC), a machine's for one bridged
+    /// with br_netfilter on.
+    eth_dst: Option<MacAddr>,
 }
 
 impl HostPlan {
@@ -188,6 +192,24 @@ impl Evaluator<'_> {
             host_dst: None,
             l4: p.l4,
             ct: p.ct,
+            eth_dst: None,
+        };
+        self.base_verdict(FORWARD_CHAIN, &packet)
+    }
+
+    /// The verdict of the inet forward hook for a frame bridged between two
+    /// machines of one bridge that br_netfilter hands to it (`iif == oif`,
+    /// addressed to the machine's own MAC).
+    pub fn forward_bridged(&self, p: &Forwarded<'_>, dst_mac: MacAddr) -> Verdict {
+        let packet = Packet {
+            iif: p.iif,
+            oif: p.oif,
+            src: p.src,
+            dst: Some(p.dst),
+            host_dst: None,
+            l4: p.l4,
+            ct: p.ct,
+            eth_dst: Some(dst_mac),
         };
         self.base_verdict(FORWARD_CHAIN, &packet)
     }
@@ -202,6 +224,7 @@ impl Evaluator<'_> {
             host_dst: Some(p.dst),
             l4: p.l4,
             ct: p.ct,
+            eth_dst: None,
         };
         self.base_verdict(INPUT_CHAIN, &packet)
     }
@@ -317,6 +340,24 @@ fn holds(plan: &HostPlan, c: &Cond, p: &Packet<'_>) -> bool {
         Cond::CtDnat => p.ct == CtState::NewDnat,
         Cond::SaddrNet(net) => net.contains(&p.src),
         Cond::DaddrNet(net) => p.dst.is_some_and(|d| net.contains(&d)),
+        Cond::RoutedInside(family) => {
+            p.iif == p.oif
+                && plan
+                    .isolation
+                    .domains
+                    .iter()
+                    .filter(|(b, _)| b.as_str() == p.iif)
+                    .any(|(_, (v4, v6))| match (family, p.src, p.dst) {
+                        (Family::V4, IpAddr::V4(s), Some(IpAddr::V4(d))) => {
+                            v4.is_some_and(|n| n.trunc().contains(&s) && n.trunc().contains(&d))
+                        }
+                        (Family::V6, IpAddr::V6(s), Some(IpAddr::V6(d))) => {
+                            v6.is_some_and(|n| n.trunc().contains(&s) && n.trunc().contains(&d))
+                        }
+                        _ => false,
+                    })
+        }
+        Cond::EtherDaddrNotMachine => !p.eth_dst.is_some_and(|m| plan.isolation.macs.contains(&m)),
         Cond::DaddrProtected(_) => match p.dst {
             Some(IpAddr::V4(d)) => plan.protected_v4.iter().any(|n| n.contains(&d)),
             Some(IpAddr::V6(d)) => plan.protected_v6.iter().any(|n| n.contains(&d)),

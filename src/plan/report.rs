@@ -437,15 +437,16 @@ fn same_bridge(eval: &Evaluator<'_>, src: &Probe, dst: &Probe, l4: L4) -> bool {
             l4: l4_frame,
         },
     };
+    let bridged = Forwarded {
+        iif: src.bridge.as_str(),
+        oif: dst.bridge.as_str(),
+        src: src.ip,
+        dst: dst.ip,
+        l4,
+        ct: CtState::New,
+    };
     eval.bridge(&frame) == Verdict::Accept
-        && fwd(
-            eval,
-            src.bridge.as_str(),
-            dst.bridge.as_str(),
-            src.ip,
-            dst.ip,
-            l4,
-        )
+        && eval.forward_bridged(&bridged, dst.mac) == Verdict::Accept
 }
 
 /// `["all"]` when every probe passes, else what passes (a span counts when

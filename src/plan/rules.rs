@@ -26,6 +26,11 @@ pub const HOST_SERVICES_V6: &str = "host_services_v6";
 pub const DENY_LOG: &str = "deny_log";
 pub const HOST_DENY_LOG: &str = "host_deny_log";
 pub const LOG_BUDGET: &str = "log_budget";
+/// Isolated domains, for packets the host routes back onto their bridge.
+pub const ROUTED_INSIDE_V4: &str = "routed_inside_v4";
+pub const ROUTED_INSIDE_V6: &str = "routed_inside_v6";
+/// The isolated domains' machine MACs (the inet table's own copy).
+pub const MACHINE_MACS: &str = "machine_macs";
 
 /// Chains and their hooks.
 pub const FORWARD_CHAIN: &str = "isolation";
@@ -150,6 +155,12 @@ pub enum Cond {
     DaddrNet(ipnet::IpNet),
     /// `ip daddr @protected_v4`, `ip6 daddr @protected_v6`.
     DaddrProtected(Family),
+    /// `iifname . oifname . ip saddr . ip daddr @routed_inside_v4`: in and
+    /// out of one isolated domain's bridge, both ends in its subnet.
+    RoutedInside(Family),
+    /// `ether daddr != @machine_macs`: not addressed to a known machine,
+    /// so routed by the host (its own MAC) rather than bridged.
+    EtherDaddrNotMachine,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -323,6 +334,30 @@ impl HostPlan {
                  so this is the path most of their packets take.",
             ),
         );
+        let mut first = true;
+        for (family, used) in [
+            (Family::V4, !self.isolated_subnets_v4().is_empty()),
+            (Family::V6, !self.isolated_subnets_v6().is_empty()),
+        ] {
+            if !used {
+                continue;
+            }
+            let mut conds = vec![RoutedInside(family)];
+            if !self.isolation.macs.is_empty() {
+                conds.push(EtherDaddrNotMachine);
+            }
+            let rule = Rule::new(conds, Action::Deny);
+            rules.push(if std::mem::take(&mut first) {
+                rule.why(
+                    "A machine of a domain that isolates its machines sending to a neighbour \
+                     through the gateway's MAC: the host would route it back onto the bridge, \
+                     out of the bridge table's sight. Bridged frames (br_netfilter on) are \
+                     addressed to the machine's own MAC and were judged by the bridge table.",
+                )
+            } else {
+                rule
+            });
+        }
         rules.push(Rule::new(vec![], Action::PairsVmap).why(
             "Between two known domains: one lookup decides. Same-bridge, admin and port-less \
                  pairs accept; a pair that policies open jumps to its own small chain; any other \
@@ -670,6 +705,13 @@ impl Cond {
             Cond::DaddrNet(net) => format!("{} daddr {net}", ip_of(&net.addr())),
             Cond::DaddrProtected(Family::V4) => format!("ip daddr @{PROTECTED_V4}"),
             Cond::DaddrProtected(Family::V6) => format!("ip6 daddr @{PROTECTED_V6}"),
+            Cond::RoutedInside(Family::V4) => {
+                format!("iifname . oifname . ip saddr . ip daddr @{ROUTED_INSIDE_V4}")
+            }
+            Cond::RoutedInside(Family::V6) => {
+                format!("iifname . oifname . ip6 saddr . ip6 daddr @{ROUTED_INSIDE_V6}")
+            }
+            Cond::EtherDaddrNotMachine => format!("ether daddr != @{MACHINE_MACS}"),
         }
     }
 }

@@ -829,6 +829,7 @@ mod properties {
     }
 
     /// The policies read directly: is this new forwarded packet allowed?
+    #[allow(clippy::too_many_arguments)]
     fn oracle_forward(
         truth: &Truth,
         policies: &[ResolvedPolicy],
@@ -836,6 +837,7 @@ mod properties {
         known: &[&str],
         settings: &BTreeMap<String, Internet>,
         protected: &[ipnet::IpNet],
+        isolated: &BTreeSet<String>,
         p: &Forwarded<'_>,
     ) -> Verdict {
         let known_if = |i: &str| known.contains(&i);
@@ -873,6 +875,19 @@ mod properties {
                             && traffic_matches(traffic, p.l4)
                     }),
             );
+        }
+        if p.iif == p.oif && isolated.contains(p.iif) {
+            // Routed back onto the bridge of a domain that isolates its
+            // machines (this evaluator call is a routed packet): dropped when
+            // both ends are in its subnet (10.<i>.0.0/24, fd00:<i>::/64).
+            let i: u16 = p.iif.trim_start_matches("net-d").parse().unwrap();
+            let inside = |a: IpAddr| match a {
+                IpAddr::V4(a) => a.octets()[0] == 10 && u16::from(a.octets()[1]) == i,
+                IpAddr::V6(a) => a.segments()[0] == 0xfd00 && a.segments()[1] == i,
+            };
+            if inside(p.src) && inside(p.dst) {
+                return Verdict::Drop;
+            }
         }
         if !(known_if(p.iif) && known_if(p.oif)) || p.iif == p.oif || admin == Some(p.iif) {
             return Verdict::Accept;
@@ -1156,7 +1171,8 @@ mod properties {
                                 ..fwd("uplink0", oif, *src, *dst, l4)
                             };
                             let want = oracle_forward(
-                                &truth, &resolved, admin, &name_refs, &settings, &nets, &packet,
+                                &truth, &resolved, admin, &name_refs, &settings, &nets, &isolated,
+                                &packet,
                             );
                             assert_eq!(
                                 eval.forward(&packet),
@@ -1175,7 +1191,7 @@ mod properties {
                 for l4 in l4s {
                     let packet = fwd(iif, "uplink0", *src, *dst, l4);
                     let want = oracle_forward(
-                        &truth, &resolved, admin, &name_refs, &settings, &nets, &packet,
+                        &truth, &resolved, admin, &name_refs, &settings, &nets, &isolated, &packet,
                     );
                     assert_eq!(
                         eval.forward(&packet),
@@ -1196,7 +1212,8 @@ mod properties {
                         for l4 in l4s {
                             let packet = fwd(iif, oif, *src, *dst, l4);
                             let want = oracle_forward(
-                                &truth, &resolved, admin, &name_refs, &settings, &nets, &packet,
+                                &truth, &resolved, admin, &name_refs, &settings, &nets, &isolated,
+                                &packet,
                             );
                             assert_eq!(
                                 eval.forward(&packet),

@@ -12,8 +12,8 @@ use crate::plan::machines::{
 use crate::plan::rules::{
     egress_chain_name, inbound_chain_name, pair_chain_name, protected_chain_name, Chain, DENY_LOG,
     DOMAIN_BRIDGES, EGRESS, GATEWAY_SERVICES, HOST_DENY_LOG, HOST_OPEN, HOST_OPEN_V4, HOST_OPEN_V6,
-    HOST_SERVICES, HOST_SERVICES_V4, HOST_SERVICES_V6, INBOUND, LOG_BUDGET, PAIRS, PROTECTED_OPEN,
-    PROTECTED_V4, PROTECTED_V6,
+    HOST_SERVICES, HOST_SERVICES_V4, HOST_SERVICES_V6, INBOUND, LOG_BUDGET, MACHINE_MACS, PAIRS,
+    PROTECTED_OPEN, PROTECTED_V4, PROTECTED_V6, ROUTED_INSIDE_V4, ROUTED_INSIDE_V6,
 };
 use crate::plan::{HostAddrExceptions, HostPlan, PairExceptions, PortSet};
 use anyhow::Context;
@@ -259,6 +259,45 @@ fn sets(plan: &HostPlan) -> Vec<SetView> {
             });
         }
     }
+    for (name, type_, elements) in [
+        (
+            ROUTED_INSIDE_V4,
+            "ifname . ifname . ipv4_addr . ipv4_addr",
+            isolated_elements(plan, |(v4, _)| v4.map(|n| n.trunc().to_string())),
+        ),
+        (
+            ROUTED_INSIDE_V6,
+            "ifname . ifname . ipv6_addr . ipv6_addr",
+            isolated_elements(plan, |(_, v6)| v6.map(|n| n.trunc().to_string())),
+        ),
+    ] {
+        if !elements.is_empty() {
+            sets.push(SetView {
+                name,
+                why: wrap(
+                    "Domains that isolate their machines: in and out of their bridge, both \
+                     ends in their subnet.",
+                ),
+                type_: type_.into(),
+                interval: true,
+                elements,
+            });
+        }
+    }
+    if !plan.isolation.macs.is_empty() {
+        sets.push(SetView {
+            name: MACHINE_MACS,
+            why: wrap("MACs of the machines of domains that isolate their machines."),
+            type_: "ether_addr".into(),
+            interval: false,
+            elements: plan
+                .isolation
+                .macs
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+        });
+    }
     let gateway = PortSet::from(&plan.gateway);
     if !gateway.is_empty() {
         sets.push(SetView {
@@ -457,6 +496,19 @@ pub fn host(plan: &HostPlan) -> anyhow::Result<String> {
         .get_template("host.nft")
         .and_then(|t| t.render(&view))
         .context("rendering the host ruleset template")
+}
+
+/// `"<bridge>" . "<bridge>" . <subnet> . <subnet>` for each isolated
+/// domain with a subnet in the family `net` picks.
+fn isolated_elements(
+    plan: &HostPlan,
+    net: impl Fn(&(Option<ipnet::Ipv4Net>, Option<ipnet::Ipv6Net>)) -> Option<String>,
+) -> Vec<String> {
+    plan.isolation
+        .domains
+        .iter()
+        .filter_map(|(b, nets)| net(nets).map(|n| format!("{0} . {0} . {n} . {n}", quoted(b))))
+        .collect()
 }
 
 fn bridge_sets(plan: &HostPlan) -> Vec<SetView> {
