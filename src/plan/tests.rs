@@ -727,6 +727,132 @@ fn overlapping_subnets_are_refused() {
 }
 
 #[test]
+fn isolated_machines_meet_only_through_policies_and_replies_cannot_open_back() {
+    use super::eval::{Frame, FrameL4, Payload};
+    use crate::model::MacAddr;
+    let mac = |b: u8| MacAddr([0, 0x16, 0x3e, 0, 1, b]);
+    let mut machines = vec![
+        machine("pro-a", PRO, &["10.1.0.10"], &["fd00:1::10"]),
+        machine("pro-b", PRO, &["10.1.0.11"], &["fd00:1::11"]),
+        machine("pro-c", PRO, &["10.1.0.12"], &[]),
+        machine("new", PRO, &["10.1.0.13"], &[]),
+    ];
+    for (i, m) in machines.iter_mut().take(3).enumerate() {
+        m.hwaddr = Some(mac(i as u8));
+    }
+    machines[1].mac_filtering = true;
+    let (mut plan, _) = plan_with_edges(
+        &[ADMIN, PRO, PERSO],
+        None,
+        &machines,
+        json!([{"from": "pro-a", "to": "pro-b", "ports": [22]}]),
+        json!({"pro": {"isolate_machines": true}}),
+        &[],
+    )
+    .unwrap();
+    let note = plan.policies[0].note.clone().unwrap();
+    assert!(note.contains("isolates its machines"), "{note}");
+    let mut confined = machines.clone();
+    confine_to_bridges(&mut confined, &bridges(&[ADMIN, PRO, PERSO]));
+    let warnings = plan.add_machines(&confined);
+    assert!(warnings
+        .iter()
+        .any(|w| w.contains("\"pro-a\"") && w.contains("mac_filtering")));
+    assert!(!warnings.iter().any(|w| w.contains("\"pro-b\"")));
+    assert!(warnings
+        .iter()
+        .any(|w| w.contains("\"new\"") && w.contains("no known MAC")));
+    let eval = plan.evaluator();
+    let frame = |s: u8, d: u8, src: &str, dst: &str, l4| Frame {
+        src_mac: mac(s),
+        dst_mac: mac(d),
+        payload: Payload::Ip {
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            l4,
+        },
+    };
+    let syn = |dport| FrameL4::Tcp {
+        sport: 40000,
+        dport,
+        bare_syn: true,
+    };
+    let (a, b, c) = ("10.1.0.10", "10.1.0.11", "10.1.0.12");
+    // The policy port, over both families; not its neighbour, not pro-c.
+    assert_eq!(eval.bridge(&frame(0, 1, a, b, syn(22))), Verdict::Accept);
+    assert_eq!(
+        eval.bridge(&frame(0, 1, "fd00:1::10", "fd00:1::11", syn(22))),
+        Verdict::Accept
+    );
+    assert_eq!(eval.bridge(&frame(0, 1, a, b, syn(23))), Verdict::Drop);
+    assert_eq!(eval.bridge(&frame(0, 2, a, c, syn(22))), Verdict::Drop);
+    // Replies pass statelessly; a bare SYN from the service port does not.
+    let reply = |bare_syn| FrameL4::Tcp {
+        sport: 22,
+        dport: 40000,
+        bare_syn,
+    };
+    assert_eq!(
+        eval.bridge(&frame(1, 0, b, a, reply(false))),
+        Verdict::Accept
+    );
+    assert_eq!(eval.bridge(&frame(1, 0, b, a, reply(true))), Verdict::Drop);
+    assert_eq!(
+        eval.bridge(&frame(1, 0, b, a, FrameL4::EchoReply)),
+        Verdict::Drop
+    );
+    // Link-local between known machines, multicast from one: dropped; ARP
+    // and ND pass; a machine unknown at render time is caught by its subnet
+    // address, not by its MAC.
+    let ll = frame(0, 1, "fe80::1", "fe80::2", FrameL4::EchoRequest);
+    assert_eq!(eval.bridge(&ll), Verdict::Drop);
+    let group = Frame {
+        dst_mac: MacAddr([0x33, 0x33, 0, 0, 0, 1]),
+        ..ll
+    };
+    assert_eq!(eval.bridge(&group), Verdict::Drop);
+    let nd = frame(0, 1, "fe80::1", "fe80::2", FrameL4::Nd);
+    assert_eq!(eval.bridge(&nd), Verdict::Accept);
+    let arp = Frame {
+        payload: Payload::Arp,
+        ..ll
+    };
+    assert_eq!(eval.bridge(&arp), Verdict::Accept);
+    let unknown = Frame {
+        src_mac: MacAddr([2, 0, 0, 0, 0, 9]),
+        ..frame(9, 1, "10.1.0.13", b, syn(80))
+    };
+    assert_eq!(eval.bridge(&unknown), Verdict::Drop);
+    let unknown_ll = Frame {
+        src_mac: MacAddr([2, 0, 0, 0, 0, 9]),
+        ..ll
+    };
+    assert_eq!(
+        eval.bridge(&unknown_ll),
+        Verdict::Accept,
+        "the residual limit, as documented"
+    );
+    // Another bridge's frames are not ours to judge, nor are perso's.
+    let other = Frame {
+        src_mac: MacAddr([2, 0, 0, 0, 0, 7]),
+        dst_mac: MacAddr([2, 0, 0, 0, 0, 8]),
+        ..frame(0, 0, "10.2.0.5", "10.2.0.6", syn(23))
+    };
+    assert_eq!(eval.bridge(&other), Verdict::Accept);
+    // Routed back onto the bridge through the gateway: dropped by the inet
+    // table; the same packet bridged to pro-b's MAC with br_netfilter on is
+    // the bridge table's business (accepted by the pairs map).
+    let routed = fwd(PRO, PRO, v4(a), v4(b), L4::Tcp(23));
+    assert_eq!(eval.forward(&routed), Verdict::Drop);
+    assert_eq!(eval.forward_bridged(&routed, mac(1)), Verdict::Accept);
+    // Cross-domain traffic of pro's machines is the inet table's as before.
+    assert_eq!(
+        eval.forward(&fwd(PRO, "eth0", v4(a), v4("198.51.100.2"), L4::Tcp(443))),
+        Verdict::Accept
+    );
+}
+
+#[test]
 fn missing_log_support_drops_logging_with_a_warning() {
     let b = bridges(&[PRO]);
     let (plan, warnings) = HostPlan::build(HostPlanInput {
