@@ -97,9 +97,12 @@ pub struct Isolation {
     pub macs: BTreeSet<MacAddr>,
     pub v4: MachineFlows<Ipv4Addr>,
     pub v6: MachineFlows<Ipv6Addr>,
-    /// Policy flows inside an isolated domain, kept to expand a whole
-    /// domain end into its machines once they are known.
-    pub(super) flows: Vec<Flow>,
+    /// Policy flows inside an isolated domain (with the index of their
+    /// policy), kept to expand a whole domain end into its machines once
+    /// they are known.
+    pub(super) flows: Vec<(usize, Flow)>,
+    /// Elements each policy got from the last expansion, by policy index.
+    pub(super) counted: BTreeMap<usize, usize>,
 }
 
 impl Isolation {
@@ -129,12 +132,12 @@ impl Isolation {
     }
 
     /// Recomputes the machine flows from the kept policy flows; returns the
-    /// elements each flow added, in order.
-    pub(super) fn expand(&mut self) -> Vec<usize> {
+    /// elements each policy added (by policy index).
+    fn expand(&mut self) -> BTreeMap<usize, usize> {
         let mut v4 = MachineFlows::default();
         let mut v6 = MachineFlows::default();
-        let mut added = Vec::new();
-        for flow in &self.flows {
+        let mut added = BTreeMap::new();
+        for (policy, flow) in &self.flows {
             let (super::expand::End::Bridge(src), super::expand::End::Bridge(dst)) =
                 (&flow.from, &flow.to)
             else {
@@ -149,7 +152,7 @@ impl Isolation {
                 &self.addrs(dst, &dst.v6, |m| &m.v6),
                 &flow.traffic,
             );
-            added.push(n);
+            *added.entry(*policy).or_default() += n;
         }
         for set in v4.services.values_mut().chain(v6.services.values_mut()) {
             set.normalize();
@@ -245,6 +248,23 @@ impl BCond {
 }
 
 impl HostPlan {
+    /// Expands the isolated domains' policy flows and brings each policy's
+    /// element count up to date.
+    pub(super) fn expand_isolation(&mut self) {
+        let added = self.isolation.expand();
+        for (policy, n) in &self.isolation.counted {
+            if let Some(effect) = self.policies.get_mut(*policy) {
+                effect.elements -= n;
+            }
+        }
+        for (policy, n) in &added {
+            if let Some(effect) = self.policies.get_mut(*policy) {
+                effect.elements += n;
+            }
+        }
+        self.isolation.counted = added;
+    }
+
     /// The isolated domains' subnets, by family.
     pub fn isolated_subnets_v4(&self) -> Vec<Ipv4Net> {
         let nets = self.isolation.domains.values().filter_map(|(v4, _)| *v4);
@@ -301,7 +321,7 @@ impl HostPlan {
                     v6: m.ipv6.clone(),
                 });
         }
-        iso.expand();
+        self.expand_isolation();
         warnings
     }
 

@@ -548,7 +548,7 @@ impl HostPlan {
             let effect = plan.add_policy(policy);
             plan.policies.push(effect);
         }
-        plan.isolation.expand();
+        plan.expand_isolation();
         for pair in plan.pairs.values_mut() {
             pair.ports.normalize();
             pair.v4.normalize();
@@ -708,7 +708,8 @@ impl HostPlan {
                 // Inside an isolated domain the bridge table opens it; the
                 // elements are counted when machines are known (expand).
                 if self.isolation.domains.contains_key(&src.bridge) {
-                    self.isolation.flows.push(flow.clone());
+                    let policy = self.policies.len();
+                    self.isolation.flows.push((policy, flow.clone()));
                 }
                 0
             }
