@@ -42,7 +42,12 @@ table ip6 filter {
 		type filter hook input priority filter; policy accept;
 	}
 }
-table bridge filter {
+";
+
+/// A bridge-family sentinel (ebtables-nft's table), loaded when the kernel
+/// has the bridge family: a kernel without it still checks inet-only
+/// rulesets (router mode in a minimal instance).
+const BRIDGE_SENTINEL: &str = "table bridge filter {
 	chain FORWARD {
 		type filter hook forward priority filter; policy accept;
 	}
@@ -227,7 +232,9 @@ impl Nft {
         };
         cmd.args(["--net", "--", "/bin/sh", "-c"])
             .arg(
-                r#"printf '%s' "$2" | "$0" -f /dev/stdin && "$0" -j list ruleset && echo "$3" &&
+                r#"printf '%s' "$2" | "$0" -f /dev/stdin &&
+                   { printf '%s' "$4" | "$0" -f /dev/stdin 2>/dev/null || true; } &&
+                   "$0" -j list ruleset && echo "$3" &&
                    "$0" -f /dev/stdin && "$0" -j list ruleset && echo "$3" &&
                    "$0" list table inet "$1" && echo "$3" &&
                    if "$0" list tables bridge | grep -qxF "table bridge $1"; then
@@ -236,7 +243,8 @@ impl Nft {
             .arg(&self.program)
             .arg(table.as_str())
             .arg(SENTINEL_TABLES)
-            .arg(SCRATCH_SEPARATOR);
+            .arg(SCRATCH_SEPARATOR)
+            .arg(BRIDGE_SENTINEL);
         let out = run_with_timeout(cmd, Some(ruleset), self.timeout).map_err(|err| {
             anyhow::anyhow!(
                 "loading the ruleset in a scratch network namespace: {}",
