@@ -568,6 +568,35 @@ pub fn in_place_update(live: &Value, want: &Value) -> Option<InPlace> {
     })
 }
 
+/// [`in_place_update`] of every table one apply manages (by family: the
+/// inet table and, in host mode, the bridge table), in one batch and so one
+/// transaction. `None` when a table appears or disappears, when any table
+/// that differs cannot be updated in place, or when nothing differs: then
+/// the whole file is loaded (both tables, one transaction).
+pub fn in_place_tables(
+    live: &BTreeMap<String, Value>,
+    want: &BTreeMap<String, Value>,
+) -> Option<InPlace> {
+    if live.keys().ne(want.keys()) {
+        return None;
+    }
+    let mut ops = Vec::new();
+    let mut chains = false;
+    for (family, want) in want {
+        if &live[family] == want {
+            continue;
+        }
+        let update = in_place_update(&live[family], want)?;
+        chains |= update.chains;
+        let batch: Value = serde_json::from_str(&update.batch).ok()?;
+        ops.extend(batch.get("nftables")?.as_array()?.iter().cloned());
+    }
+    (!ops.is_empty()).then(|| InPlace {
+        batch: json!({ "nftables": ops }).to_string(),
+        chains,
+    })
+}
+
 /// A canonical table listing split the way [`in_place_update`] compares it.
 struct Parts {
     /// The table itself and every object that is not a set, map, chain or
@@ -871,6 +900,63 @@ mod tests {
             assert!(err.contains(expected), "{to}: {err}");
             assert!(err.contains("refused"), "{to}: {err}");
         }
+    }
+
+    #[test]
+    fn both_tables_update_in_place_in_one_batch_or_neither_does() {
+        let tables = |ours: &str, bridge: &str| {
+            let l = listing(&format!("{ours}{bridge}"));
+            BTreeMap::from([
+                (
+                    "bridge".to_string(),
+                    l.family_table_canonical("bridge", "t"),
+                ),
+                ("inet".to_string(), l.table_canonical("t")),
+            ])
+        };
+        let a = tables(OURS, BRIDGE);
+        assert_eq!(in_place_tables(&a, &a), None);
+        // Elements of both tables: one batch touching both families.
+        let more_macs = BRIDGE.replace(
+            r#""elem": ["00:11:22:33:44:55"]"#,
+            r#""elem": ["00:11:22:33:44:66"]"#,
+        );
+        let b = tables(
+            &OURS.replace(r#""net-b", "net-a""#, r#""net-c""#),
+            &more_macs,
+        );
+        let update = in_place_tables(&a, &b).unwrap();
+        assert!(!update.chains);
+        assert!(
+            update.batch.contains(r#""family":"bridge""#),
+            "{}",
+            update.batch
+        );
+        assert!(
+            update.batch.contains(r#""family":"inet""#),
+            "{}",
+            update.batch
+        );
+        // Only the bridge table's elements: a batch for it alone.
+        let c = tables(OURS, &more_macs);
+        let update = in_place_tables(&a, &c).unwrap();
+        assert!(
+            !update.batch.contains(r#""family":"inet""#),
+            "{}",
+            update.batch
+        );
+        // A bridge base chain changed: the whole file, even with inet
+        // elements that could go in place.
+        let d = tables(
+            &OURS.replace(r#""net-b", "net-a""#, r#""net-c""#),
+            &BRIDGE.replace(r#""right": "arp""#, r#""right": "ip""#),
+        );
+        assert_eq!(in_place_tables(&a, &d), None);
+        // A table that appears or goes: the whole file.
+        let mut e = a.clone();
+        e.remove("bridge");
+        assert_eq!(in_place_tables(&a, &e), None);
+        assert_eq!(in_place_tables(&e, &a), None);
     }
 
     #[test]

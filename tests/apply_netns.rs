@@ -1458,7 +1458,7 @@ fn the_bridge_table_is_applied_with_the_inet_table_and_follows_the_file() {
     let again = ns.module(args(&src, &dest, "anklume_t"));
     assert_eq!(again["changed"], false, "{again}");
 
-    // Only the bridge table changes: applied, by a whole-file swap.
+    // Only the bridge table's elements change: updated in place.
     let two = isolating(
         &[("10.0.0.2", "10.0.0.3"), ("10.0.0.3", "10.0.0.2")],
         "forward",
@@ -1467,10 +1467,22 @@ fn the_bridge_table_is_applied_with_the_inet_table_and_follows_the_file() {
     std::fs::write(&src, with_bridge("anklume_t", &["net-a"], &two)).unwrap();
     let out = ns.module(args(&src, &dest, "anklume_t"));
     assert_eq!(out["changed"], true, "{out}");
-    assert_eq!(out["update"], "table", "{out}");
+    assert_eq!(out["update"], "sets", "{out}");
     assert!(ns
         .nft(&["list", "table", "bridge", "anklume_t"])
         .contains("10.0.0.3 . 10.0.0.2"));
+    // A bridge chain changes: the whole file is swapped, both tables in one
+    // transaction.
+    let two = two.replace(
+        "ether type arp accept",
+        "ether type arp accept\n\t\tether type vlan drop",
+    );
+    std::fs::write(&src, with_bridge("anklume_t", &["net-a"], &two)).unwrap();
+    let out = ns.module(args(&src, &dest, "anklume_t"));
+    assert_eq!(out["update"], "table", "{out}");
+    assert!(ns
+        .nft(&["list", "table", "bridge", "anklume_t"])
+        .contains("ether type 8021q drop"));
     // Only the inet sets change: still in place, the bridge table kept.
     std::fs::write(&src, with_bridge("anklume_t", &["net-a", "net-b"], &two)).unwrap();
     let out = ns.module(args(&src, &dest, "anklume_t"));

@@ -5,7 +5,7 @@
 //! `bridge <table>` (isolation inside a domain) when the ruleset has one.
 
 use anklume_isolation::apply::{self, Load, ModeRules, Ownership, HOST_MODE, ROUTER_MODE};
-use anklume_isolation::effects::in_place_update;
+use anklume_isolation::effects::in_place_tables;
 use anklume_isolation::guard::{check_ruleset_in, check_table_name, strip_log_statements};
 use anklume_isolation::model::firewall::{parse_interfaces, FirewallInterface, RawInterface};
 use anklume_isolation::model::TableName;
@@ -204,17 +204,11 @@ fn present(
         true => format!("{desired}\ntable bridge {table} {{}}\ndelete table bridge {table}\n"),
         false => desired.clone(),
     };
-    // Same base chains and the same bridge table: update elements (and the
-    // chains maps jump to) of the inet table in one transaction instead of
-    // swapping the whole file. A changed bridge table swaps the whole file
+    // Same base chains: update elements (and the chains maps jump to) of
+    // both tables in one transaction instead of swapping the whole file. A
+    // table that appears or goes, or any other change, swaps the whole file
     // (both tables, one transaction).
-    let in_place = match (
-        live.get("inet"),
-        live.get("bridge") == verified.tables.get("bridge"),
-    ) {
-        (Some(live), true) => in_place_update(live, &verified.want),
-        _ => None,
-    };
+    let in_place = in_place_tables(&live, &verified.tables);
     let load = live_changed.then(|| match &in_place {
         Some(update) if update.chains => Load::Chains(&update.batch),
         Some(update) => Load::Sets(&update.batch),
