@@ -893,15 +893,18 @@ remove_isolation() {
     rm -f "$args"
     if jq -e '.failed != true' <<<"$out" >/dev/null 2>&1; then
       jq -e '.changed == true' <<<"$out" >/dev/null &&
-        log "firewall_router_apply state=absent removed table inet $LAB_NFT_TABLE and its files"
+        log "firewall_router_apply state=absent removed tables inet and bridge $LAB_NFT_TABLE and their files"
       return 0
     fi
     log "firewall_router_apply state=absent failed ($(jq -r '.msg // "no JSON"' <<<"$out" 2>/dev/null)): removing by hand"
   fi
-  if command -v nft >/dev/null && nft list table inet "$LAB_NFT_TABLE" >/dev/null 2>&1; then
-    log "deleting nft table inet $LAB_NFT_TABLE"
-    nft delete table inet "$LAB_NFT_TABLE" || return 1
-  fi
+  local family
+  for family in inet bridge; do
+    if command -v nft >/dev/null && nft list table "$family" "$LAB_NFT_TABLE" >/dev/null 2>&1; then
+      log "deleting nft table $family $LAB_NFT_TABLE"
+      nft delete table "$family" "$LAB_NFT_TABLE" || return 1
+    fi
+  done
 }
 
 cmd_status() {
@@ -949,11 +952,14 @@ cmd_status() {
       echo "$(basename "${f%%:*}" .pid): not running"
     fi
   done
-  if command -v nft >/dev/null && nft list table inet "$LAB_NFT_TABLE" >/dev/null 2>&1; then
-    echo "nft table inet $LAB_NFT_TABLE: present"
-  else
-    echo "nft table inet $LAB_NFT_TABLE: absent"
-  fi
+  local family
+  for family in inet bridge; do
+    if command -v nft >/dev/null && nft list table "$family" "$LAB_NFT_TABLE" >/dev/null 2>&1; then
+      echo "nft table $family $LAB_NFT_TABLE: present"
+    else
+      echo "nft table $family $LAB_NFT_TABLE: absent"
+    fi
+  done
 }
 
 main() {
