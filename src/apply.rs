@@ -13,17 +13,24 @@
 //!    good ruleset, and the error says what is live and on disk.
 //!
 //! [`remove`] is the way out: our table, its files and nothing else.
+//!
+//! Host mode manages two tables of the same name: `inet <table>` (between
+//! domains) and `bridge <table>` (inside a domain: same-bridge traffic never
+//! reaches the inet forward hook without br_netfilter). Every step handles
+//! the [`Tables`] of the mode's families together: one guard, one scratch
+//! check, one `nft -f` transaction holding both, one confirmation, one
+//! rollback; the inet table is never new while the bridge table is old.
 
 use crate::effects::check_effects;
 pub use crate::effects::{ModeRules, HOST_MODE, ROUTER_MODE, ROUTING_MODE};
-use crate::guard::check_ruleset;
+use crate::guard::{check_ruleset_in, INET_ONLY};
 use crate::model::TableName;
 use crate::render::TABLE_COMMENT;
 use crate::runner::fs::{read_owned_file, remove_owned_file, Existing, Staged};
 use crate::runner::nft::Nft;
 use anyhow::bail;
 use serde_json::Value;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// The biggest ruleset accepted (`src` or `content`). A render of 1000
@@ -35,11 +42,25 @@ pub const MAX_RULESET_BYTES: u64 = 32 * 1024 * 1024;
 /// operators read it.
 const FILE_MODE: u32 = 0o644;
 
+/// Canonical listings of the tables named `table` that one apply manages,
+/// by family (`inet`, and `bridge` in host mode); an absent table has no
+/// entry, and [`ADOPTED`] stands for a live table to reload with our mark.
+pub type Tables = BTreeMap<String, Value>;
+
+/// The stand-in for an adopted (unmarked) live table in [`Tables`]: equal to
+/// no listing, so the table is reloaded and marked.
+pub const ADOPTED: Value = Value::Null;
+
 /// A ruleset whose effects were verified.
 #[derive(Debug)]
 pub struct Verified {
-    /// What the live table must read back as once loaded.
+    /// What the live `inet` table must read back as once loaded.
     pub want: Value,
+    /// What every table the mode manages must read back as (`want` is the
+    /// `inet` entry; `bridge` is there when the ruleset has one).
+    pub tables: Tables,
+    /// The families the mode manages ([`ModeRules::families`]).
+    pub families: &'static [&'static str],
     /// The domain bridges and interface wildcards it names, for the boot
     /// fallback.
     pub bridges: BTreeSet<String>,
@@ -55,14 +76,30 @@ pub fn verify(
 ) -> anyhow::Result<Verified> {
     let scratch = nft.scratch(desired, table)?;
     check_effects(&scratch.before, &scratch.after, table.as_str(), mode)?;
-    if scratch.comment.as_deref() != Some(TABLE_COMMENT) {
-        bail!(
-            "the ruleset does not mark table inet {table} with `comment \"{TABLE_COMMENT}\"`: \
-             it was not rendered by this version of incus_nftables_render; re-render it"
+    let families = mode.families();
+    let mut tables = Tables::new();
+    for &family in families {
+        let comment = match family {
+            "inet" => &scratch.comment,
+            _ if !scratch.after.has_table(family, table.as_str()) => continue,
+            _ => &scratch.bridge_comment,
+        };
+        if comment.as_deref() != Some(TABLE_COMMENT) {
+            bail!(
+                "the ruleset does not mark table {family} {table} with `comment \
+                 \"{TABLE_COMMENT}\"`: it was not rendered by this version of \
+                 incus_nftables_render; re-render it"
+            );
+        }
+        tables.insert(
+            family.to_string(),
+            scratch.after.family_table_canonical(family, table.as_str()),
         );
     }
     Ok(Verified {
         want: scratch.after.table_canonical(table.as_str()),
+        tables,
+        families,
         bridges: scratch.after.ifname_elements(table.as_str()),
         wildcards: scratch.after.ifname_wildcards(table.as_str()),
     })
@@ -81,14 +118,45 @@ pub enum Ownership {
 /// Step 2: refuses a live table of our name that we did not create. `applied`
 /// is the text of `dest`, the file this module last applied, if any.
 pub fn ownership(nft: &Nft, table: &TableName, applied: Option<&str>) -> anyhow::Result<Ownership> {
-    match nft.table_comment(table)? {
+    family_ownership(nft, "inet", table, applied, INET_ONLY)
+}
+
+/// [`ownership`] of every table of `families` (refusing on the first that is
+/// someone else's), by family.
+pub fn ownerships(
+    nft: &Nft,
+    table: &TableName,
+    families: &[&str],
+    applied: Option<&str>,
+) -> anyhow::Result<BTreeMap<String, Ownership>> {
+    families
+        .iter()
+        .map(|family| {
+            family_ownership(nft, family, table, applied, families)
+                .map(|owned| (family.to_string(), owned))
+        })
+        .collect()
+}
+
+/// [`ownership`] of `<family> <table>`; `applied` is read as a file of
+/// `families`.
+pub fn family_ownership(
+    nft: &Nft,
+    family: &str,
+    table: &TableName,
+    applied: Option<&str>,
+    families: &[&str],
+) -> anyhow::Result<Ownership> {
+    match nft.family_table_comment(family, table)? {
         None => Ok(Ownership::Absent),
         Some(Some(comment)) if comment == TABLE_COMMENT => Ok(Ownership::Ours),
-        Some(_) if applied.is_some_and(|text| loads_live_table(nft, table, text)) => {
+        Some(_)
+            if applied.is_some_and(|text| loads_live_table(nft, family, table, text, families)) =>
+        {
             Ok(Ownership::Adopted)
         }
         Some(comment) => bail!(
-            "a table inet {table} already exists and was not created by anklume-isolation \
+            "a table {family} {table} already exists and was not created by anklume-isolation \
              (its comment is {}, not \"{TABLE_COMMENT}\", and it is not what the file this \
              module last applied loads): it belongs to someone else and is never replaced or \
              deleted; choose another table name",
@@ -97,50 +165,125 @@ pub fn ownership(nft: &Nft, table: &TableName, applied: Option<&str>) -> anyhow:
     }
 }
 
-/// Whether `text` (touching only our table) loads exactly the live table.
-fn loads_live_table(nft: &Nft, table: &TableName, text: &str) -> bool {
-    if check_ruleset(text, table).is_err() {
+/// Whether `text` (touching only our tables) loads exactly the live
+/// `<family> <table>`.
+fn loads_live_table(
+    nft: &Nft,
+    family: &str,
+    table: &TableName,
+    text: &str,
+    families: &[&str],
+) -> bool {
+    if check_ruleset_in(text, table, families).is_err() {
         return false;
     }
     let Ok(scratch) = nft.scratch(text, table) else {
         return false;
     };
-    nft.table_canonical(table).ok().flatten() == Some(scratch.after.table_canonical(table.as_str()))
+    scratch.after.has_table(family, table.as_str())
+        && nft.family_table_canonical(family, table).ok().flatten()
+            == Some(scratch.after.family_table_canonical(family, table.as_str()))
 }
 
-/// The live table as it was before a load: its text (reloadable) and its
-/// canonical form (to tell whether a failed load changed anything).
+/// The live tables of `families` that the ownership step found ours
+/// (adopted ones as [`ADOPTED`]).
+pub fn live_tables(
+    nft: &Nft,
+    table: &TableName,
+    owned: &BTreeMap<String, Ownership>,
+) -> anyhow::Result<Tables> {
+    let mut tables = Tables::new();
+    for (family, owned) in owned {
+        let live = match owned {
+            Ownership::Absent => continue,
+            Ownership::Adopted => ADOPTED,
+            Ownership::Ours => match nft.family_table_canonical(family, table)? {
+                Some(live) => live,
+                None => continue,
+            },
+        };
+        tables.insert(family.clone(), live);
+    }
+    Ok(tables)
+}
+
+/// The live tables as they were before a load, by family: each one's text
+/// (reloadable, `None` when absent) and canonical form (to tell whether a
+/// failed load changed anything).
 #[derive(Debug)]
 pub struct Snapshot {
-    text: Option<String>,
-    canonical: Option<Value>,
+    tables: BTreeMap<String, (Option<String>, Option<Value>)>,
 }
 
+/// A [`Snapshot`] of `inet <table>`.
 pub fn snapshot(nft: &Nft, table: &TableName) -> anyhow::Result<Snapshot> {
-    Ok(Snapshot {
-        text: nft.table_text(table)?,
-        canonical: nft.table_canonical(table)?,
-    })
+    snapshot_in(nft, table, INET_ONLY)
 }
 
-/// Puts the live table back as the snapshot had it, unless it still is
-/// (a load that timed out or failed changed nothing: nft is then not
-/// trusted to run again). Returns what it did, for the message.
-pub fn restore(nft: &Nft, table: &TableName, snapshot: &Snapshot) -> anyhow::Result<&'static str> {
-    if nft.table_canonical(table).ok().as_ref() == Some(&snapshot.canonical) {
-        return Ok("the live table was not changed");
+/// A [`Snapshot`] of the tables of `families`.
+pub fn snapshot_in(nft: &Nft, table: &TableName, families: &[&str]) -> anyhow::Result<Snapshot> {
+    let mut tables = BTreeMap::new();
+    for family in families {
+        tables.insert(
+            family.to_string(),
+            (
+                nft.family_table_text(family, table)?,
+                nft.family_table_canonical(family, table)?,
+            ),
+        );
     }
-    match &snapshot.text {
-        Some(text) => nft.load(&format!(
-            "table inet {table} {{}}\ndelete table inet {table}\n{text}"
-        ))?,
-        None => nft.load(&format!("delete table inet {table}\n"))?,
+    Ok(Snapshot { tables })
+}
+
+/// Puts the live tables back as the snapshot had them, unless they still
+/// are (a load that timed out or failed changed nothing: nft is then not
+/// trusted to run again), in one transaction. Returns what it did, for the
+/// message.
+pub fn restore(nft: &Nft, table: &TableName, snapshot: &Snapshot) -> anyhow::Result<String> {
+    let mut batch = String::new();
+    let (mut restored, mut removed) = (Vec::new(), Vec::new());
+    for (family, (text, canonical)) in &snapshot.tables {
+        if nft.family_table_canonical(family, table).ok().as_ref() == Some(canonical) {
+            continue;
+        }
+        // Create-then-delete: the table is gone whatever the load left.
+        batch.push_str(&format!(
+            "table {family} {table} {{}}\ndelete table {family} {table}\n"
+        ));
+        match text {
+            Some(text) => {
+                batch.push_str(text);
+                batch.push('\n');
+                restored.push(format!("{family} {table}"));
+            }
+            None => removed.push(format!("{family} {table}")),
+        }
     }
-    Ok(if snapshot.text.is_some() {
-        "the previous live table was restored"
-    } else {
-        "the new table was removed (there was none before)"
-    })
+    if batch.is_empty() {
+        return Ok("the live table was not changed".to_string());
+    }
+    nft.load(&batch)?;
+    // One family (router and routing modes, or a host apply that changed
+    // one table): the short messages of a single-table apply.
+    let single = snapshot.tables.len() == 1;
+    let list = |tables: &[String]| match single {
+        true => String::new(),
+        false => format!(": {}", tables.join(", ")),
+    };
+    let mut done = Vec::new();
+    if !restored.is_empty() {
+        done.push(format!(
+            "the previous live table was restored{}",
+            list(&restored)
+        ));
+    }
+    if !removed.is_empty() {
+        done.push(format!(
+            "the new table was removed (there was none before{})",
+            list(&removed)
+        ));
+    }
+    Ok(done.join("; "))
 }
 
 /// Loads `desired` (which replaces our table atomically, by construction of
@@ -153,7 +296,11 @@ pub fn replace_table(
     desired: &str,
     want: &Value,
 ) -> anyhow::Result<()> {
-    replace_table_with(nft, table, desired, |nft| confirm(nft, table, want)).map(drop)
+    let want = Tables::from([("inet".to_string(), want.clone())]);
+    replace_table_with(nft, table, desired, |nft| {
+        confirm(nft, table, INET_ONLY, &want)
+    })
+    .map(drop)
 }
 
 /// How the live table becomes the ruleset.
@@ -188,18 +335,31 @@ pub fn replace_table_with(
     desired: &str,
     confirm: impl FnOnce(&Nft) -> anyhow::Result<()>,
 ) -> anyhow::Result<Snapshot> {
-    load_confirmed(nft, table, Load::Table(desired), confirm)
+    load_confirmed(nft, table, INET_ONLY, Load::Table(desired), confirm)
+}
+
+/// [`replace_table_with`] for the tables of `families` (host mode: inet and
+/// bridge), all snapshotted and restored together.
+pub fn replace_tables_with(
+    nft: &Nft,
+    table: &TableName,
+    families: &[&str],
+    desired: &str,
+    confirm: impl FnOnce(&Nft) -> anyhow::Result<()>,
+) -> anyhow::Result<Snapshot> {
+    load_confirmed(nft, table, families, Load::Table(desired), confirm)
 }
 
 /// Loads (the whole table or only its sets), confirms, and on failure puts
-/// the snapshot back.
+/// the snapshot of the tables of `families` back.
 pub fn load_confirmed(
     nft: &Nft,
     table: &TableName,
+    families: &[&str],
     load: Load,
     confirm: impl FnOnce(&Nft) -> anyhow::Result<()>,
 ) -> anyhow::Result<Snapshot> {
-    let before = snapshot(nft, table)?;
+    let before = snapshot_in(nft, table, families)?;
     let loaded = match load {
         Load::Table(text) => nft.load(text),
         Load::Sets(batch) | Load::Chains(batch) => nft.load_json(batch),
@@ -219,15 +379,40 @@ pub fn load_confirmed(
     }
 }
 
-fn confirm(nft: &Nft, table: &TableName, want: &Value) -> anyhow::Result<()> {
-    if nft.table_comment(table)?.flatten().as_deref() != Some(TABLE_COMMENT) {
-        bail!("after loading, table inet {table} does not carry the mark \"{TABLE_COMMENT}\"");
+/// Checks that every table of `families` is live exactly as `want` has it,
+/// marked, and absent when `want` has no entry for it.
+fn confirm(nft: &Nft, table: &TableName, families: &[&str], want: &Tables) -> anyhow::Result<()> {
+    for family in families {
+        let live = nft.family_table_canonical(family, table)?;
+        let Some(want) = want.get(*family) else {
+            if live.is_some() {
+                bail!(
+                    "after loading, table {family} {table} is still live, but the ruleset has \
+                     none"
+                );
+            }
+            continue;
+        };
+        if nft
+            .family_table_comment(family, table)?
+            .flatten()
+            .as_deref()
+            != Some(TABLE_COMMENT)
+        {
+            bail!(
+                "after loading, table {family} {table} does not carry the mark \
+                 \"{TABLE_COMMENT}\""
+            );
+        }
+        match live {
+            Some(live) if &live == want => {}
+            Some(_) => {
+                bail!("after loading, the live table {family} {table} differs from the ruleset")
+            }
+            None => bail!("after loading, table {family} {table} is not in the kernel"),
+        }
     }
-    match nft.table_canonical(table)? {
-        Some(live) if &live == want => Ok(()),
-        Some(_) => bail!("after loading, the live table inet {table} differs from the ruleset"),
-        None => bail!("after loading, table inet {table} is not in the kernel"),
-    }
+    Ok(())
 }
 
 /// The ruleset file and the one it replaces.
@@ -262,19 +447,21 @@ pub fn previous_path(dest: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Step 3: makes `desired` live (by `load`, when the live table differs) and the content of
-/// `files.dest` (keeping the old one as `.previous`), or neither. Files
-/// are staged first (a full or read-only directory fails before anything
-/// changes), the table is loaded and confirmed, then the files are renamed
-/// into place; a failed rename rolls the live table back.
+/// Step 3: makes `desired` live (by `load`, when the live tables differ) and
+/// the content of `files.dest` (keeping the old one as `.previous`), or
+/// neither. Files are staged first (a full or read-only directory fails
+/// before anything changes), the tables are loaded and confirmed (all of
+/// `verified.families`: a table the ruleset lacks must be gone), then the
+/// files are renamed into place; a failed rename rolls the live tables back.
 pub fn commit(
     nft: &Nft,
     table: &TableName,
     desired: &str,
-    want: &Value,
+    verified: &Verified,
     load: Option<Load>,
     files: &Files,
 ) -> anyhow::Result<()> {
+    let families = verified.families;
     let dest = files.dest.display();
     let file_changed = !files.holds(desired);
     let nothing = format!(
@@ -298,8 +485,10 @@ pub fn commit(
     let staged = stage().map_err(|err| anyhow::anyhow!("{err:#}; {nothing}"))?;
     let before = match load {
         Some(load) => Some(
-            load_confirmed(nft, table, load, |nft| confirm(nft, table, want))
-                .map_err(|err| anyhow::anyhow!("{err:#}; {dest} was not changed"))?,
+            load_confirmed(nft, table, families, load, |nft| {
+                confirm(nft, table, families, &verified.tables)
+            })
+            .map_err(|err| anyhow::anyhow!("{err:#}; {dest} was not changed"))?,
         ),
         None => None,
     };
@@ -326,7 +515,7 @@ pub fn commit(
         None => Ok(()),
     };
     let live_back = match &before {
-        Some(snapshot) => restore(nft, table, snapshot).map(|done| done.to_string()),
+        Some(snapshot) => restore(nft, table, snapshot),
         None => Ok("the live table was not changed".to_string()),
     };
     match (live_back, files_back) {
@@ -351,16 +540,22 @@ pub fn commit(
 /// What `state: absent` removes.
 #[derive(Debug, Default)]
 pub struct Removed {
+    /// Whether `inet <table>` was (or, in check mode, would be) deleted.
     pub table: bool,
+    /// The families whose table was deleted (`inet`, `bridge`).
+    pub families: Vec<String>,
     pub files: Vec<PathBuf>,
 }
 
-/// The way out: deletes our table (only when it carries our mark) and
-/// `dest` and `<dest>.previous`. Nothing else is touched. In check mode,
-/// reports what would go.
+/// The way out: deletes our tables of `families` (only those that carry
+/// our mark, or are adopted) in one transaction, and `dest` and
+/// `<dest>.previous`. Nothing else is touched; someone else's table of our
+/// name fails before anything is removed. In check mode, reports what
+/// would go.
 pub fn remove(
     nft: &Nft,
     table: &TableName,
+    families: &[&str],
     dest: &Path,
     check_mode: bool,
 ) -> anyhow::Result<Removed> {
@@ -368,12 +563,24 @@ pub fn remove(
         Existing::Text(text) => Some(text),
         _ => None,
     };
+    let owned = ownerships(nft, table, families, applied.as_deref())?;
+    let gone: Vec<String> = owned
+        .into_iter()
+        .filter(|(_, owned)| *owned != Ownership::Absent)
+        .map(|(family, _)| family)
+        .collect();
     let mut removed = Removed {
-        table: ownership(nft, table, applied.as_deref())? != Ownership::Absent,
+        table: gone.iter().any(|family| family == "inet"),
+        families: gone,
         files: Vec::new(),
     };
-    if removed.table && !check_mode {
-        nft.load(&format!("delete table inet {table}\n"))?;
+    if !removed.families.is_empty() && !check_mode {
+        let batch: String = removed
+            .families
+            .iter()
+            .map(|family| format!("delete table {family} {table}\n"))
+            .collect();
+        nft.load(&batch)?;
     }
     for path in [dest.to_path_buf(), previous_path(dest)] {
         let exists = path.symlink_metadata().is_ok();
@@ -386,7 +593,10 @@ pub fn remove(
 
 /// Step 4, after a live change: deletes the conntrack entries of connections
 /// that the old table admitted and the new one does not (see
-/// [`crate::revoke`]). Returns how many were cut.
+/// [`crate::revoke`]). Returns how many were cut. Only the `inet` table is
+/// read: the `bridge` table is stateless (no conntrack in that family
+/// here), so a frame it now drops is dropped at once, established flow or
+/// not, and there is nothing to cut.
 pub fn cut_revoked(
     table: &TableName,
     old: &Value,

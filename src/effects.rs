@@ -31,7 +31,49 @@ pub struct ModeRules {
     /// The hook of the chain that must end in a `drop` (the isolation
     /// itself), if any.
     pub required_drop_hook: Option<&'static str>,
+    /// The companion `bridge <table>` this mode also manages (host mode:
+    /// isolation inside a domain), with what it may hold; `None`: the mode
+    /// manages its `inet` table alone.
+    pub bridge: Option<&'static BridgeRules>,
 }
+
+/// What our `bridge` family table may hold. Its base chain sees every
+/// frame every bridge of the host forwards (incusbr0, Docker's, the
+/// uplink's), and this kernel has no conntrack there: so a base chain is a
+/// filter chain on `forward` with policy accept only (a drop policy, or a
+/// chain on prerouting/input/output/postrouting, would cut every bridge and
+/// the host's own bridged traffic), and rules only match what the renderer
+/// matches (addresses, protocols, ports, flags, set lookups), never `ct` or
+/// `meta ibrname` state that the family does not have here.
+#[derive(Debug, Clone, Copy)]
+pub struct BridgeRules {
+    /// (chain type, hook) of every base chain.
+    pub base_chains: &'static [(&'static str, &'static str)],
+    /// The policies a base chain may have.
+    pub policies: &'static [&'static str],
+    /// Object kinds the table may hold.
+    pub object_kinds: &'static [&'static str],
+    /// The `nft -j` statement kinds of its rules.
+    pub statements: &'static [&'static str],
+    /// Protocols of the packet fields a match may read (`payload`).
+    pub payload_protocols: &'static [&'static str],
+    /// `meta` keys a match may read.
+    pub meta_keys: &'static [&'static str],
+}
+
+/// The bridge table of host mode.
+pub const HOST_BRIDGE: BridgeRules = BridgeRules {
+    base_chains: &[("filter", "forward")],
+    policies: &["accept"],
+    object_kinds: &["table", "chain", "rule", "set", "limit", "counter"],
+    statements: &[
+        "match", "accept", "drop", "jump", "goto", "return", "counter", "limit", "log",
+    ],
+    payload_protocols: &[
+        "ether", "arp", "ip", "ip6", "th", "tcp", "udp", "icmp", "icmpv6",
+    ],
+    meta_keys: &["l4proto"],
+};
 
 /// Host isolation: `isolation` on forward, `host_input` on input, both
 /// filter chains; matches, verdicts, verdict maps, rate-limited logging.
@@ -43,6 +85,7 @@ pub const HOST_MODE: ModeRules = ModeRules {
         "log",
     ],
     required_drop_hook: Some("forward"),
+    bridge: Some(&HOST_BRIDGE),
 };
 
 /// The firewall instance's router table (vm mode): the same chain shapes as
@@ -52,6 +95,7 @@ pub const ROUTER_MODE: ModeRules = ModeRules {
     base_chains: HOST_MODE.base_chains,
     statements: HOST_MODE.statements,
     required_drop_hook: Some("forward"),
+    bridge: None,
 };
 
 /// The host's steering table of vm mode (`firewall_vm_routing`): it marks
@@ -62,7 +106,19 @@ pub const ROUTING_MODE: ModeRules = ModeRules {
     base_chains: &[("filter", "prerouting"), ("filter", "output")],
     statements: &["match", "accept", "drop", "mangle", "notrack"],
     required_drop_hook: None,
+    bridge: None,
 };
+
+impl ModeRules {
+    /// The families of the tables named `table` this mode manages: `inet`,
+    /// and `bridge` when the mode has one.
+    pub fn families(&self) -> &'static [&'static str] {
+        match self.bridge {
+            Some(_) => crate::guard::HOST_FAMILIES,
+            None => crate::guard::INET_ONLY,
+        }
+    }
+}
 
 /// Object kinds a table of ours may hold. Flowtables, conntrack helpers,
 /// timeouts, secmarks and synproxies change what the kernel does to
@@ -116,14 +172,30 @@ impl Listing {
 
     /// The objects of `inet <table>`.
     fn of_table<'a>(&'a self, table: &'a str) -> impl Iterator<Item = (&'a str, &'a Object)> {
-        self.objects()
-            .filter(move |(kind, o)| is_in(kind, o, table))
+        self.of_family_table("inet", table)
     }
 
-    /// Everything that is not ours, handles removed, in listing order.
-    fn foreign(&self, table: &str) -> Vec<(String, Object)> {
+    /// The objects of `<family> <table>`.
+    fn of_family_table<'a>(
+        &'a self,
+        family: &'a str,
+        table: &'a str,
+    ) -> impl Iterator<Item = (&'a str, &'a Object)> {
         self.objects()
-            .filter(|(kind, o)| !is_in(kind, o, table))
+            .filter(move |(kind, o)| is_in(kind, o, family, table))
+    }
+
+    /// Whether `<family> <table>` is in the listing.
+    pub fn has_table(&self, family: &str, table: &str) -> bool {
+        self.of_family_table(family, table)
+            .any(|(kind, _)| kind == "table")
+    }
+
+    /// Everything that is not one of our tables (`families`), handles
+    /// removed, in listing order.
+    fn foreign(&self, table: &str, families: &[&str]) -> Vec<(String, Object)> {
+        self.objects()
+            .filter(|(kind, o)| !families.iter().any(|f| is_in(kind, o, f, table)))
             .map(|(kind, o)| {
                 let mut o = o.clone();
                 o.rest.remove("handle");
@@ -178,11 +250,16 @@ impl Listing {
     /// Our table's objects as canonical JSON (handles removed, set elements
     /// sorted): what the live table is compared with.
     pub fn table_canonical(&self, table: &str) -> Value {
+        self.family_table_canonical("inet", table)
+    }
+
+    /// [`Listing::table_canonical`] of `<family> <table>`.
+    pub fn family_table_canonical(&self, family: &str, table: &str) -> Value {
         let entries: Vec<Value> = self
             .nftables
             .iter()
             .flat_map(|entry| entry.0.iter())
-            .filter(|(kind, o)| kind.as_str() != "metainfo" && is_in(kind, o, table))
+            .filter(|(kind, o)| kind.as_str() != "metainfo" && is_in(kind, o, family, table))
             .map(|(kind, o)| serde_json::json!({ kind.as_str(): object_value(o) }))
             .collect();
         crate::runner::nft::canonical(serde_json::json!({ "nftables": entries }))
@@ -210,13 +287,13 @@ fn object_value(o: &Object) -> Value {
     Value::Object(map)
 }
 
-fn is_in(kind: &str, o: &Object, table: &str) -> bool {
+fn is_in(kind: &str, o: &Object, family: &str, table: &str) -> bool {
     let name = if kind == "table" {
         o.name.as_deref()
     } else {
         o.table.as_deref()
     };
-    o.family.as_deref() == Some("inet") && name == Some(table)
+    o.family.as_deref() == Some(family) && name == Some(table)
 }
 
 /// Checks the scratch namespace's listing `after` loading our ruleset
@@ -227,11 +304,19 @@ pub fn check_effects(
     table: &str,
     mode: &ModeRules,
 ) -> anyhow::Result<()> {
-    if before.foreign(table) != after.foreign(table) {
+    let families = mode.families();
+    if before.foreign(table, families) != after.foreign(table, families) {
         bail!(
-            "loading the ruleset changed tables other than inet {table} in a scratch \
-             namespace: refused"
+            "loading the ruleset changed tables other than {} in a scratch namespace: refused",
+            families
+                .iter()
+                .map(|family| format!("{family} {table}"))
+                .collect::<Vec<_>>()
+                .join(" and ")
         );
+    }
+    if let Some(rules) = mode.bridge {
+        check_bridge_table(after, table, rules)?;
     }
     let ours: Vec<(&str, &Object)> = after.of_table(table).collect();
     if !ours.iter().any(|(kind, _)| *kind == "table") {
@@ -297,6 +382,105 @@ pub fn check_effects(
         }
     }
     Ok(())
+}
+
+/// Checks `bridge <table>` in the scratch listing, if the ruleset has one
+/// (older files do not): only the shapes of [`BridgeRules`].
+fn check_bridge_table(after: &Listing, table: &str, rules: &BridgeRules) -> anyhow::Result<()> {
+    for (kind, o) in after.of_family_table("bridge", table) {
+        let name = o.name.as_deref().unwrap_or("?");
+        if !rules.object_kinds.contains(&kind) {
+            bail!(
+                "table bridge {table} would hold a `{kind}` object ({name}), which this module \
+                 never loads there; refused"
+            );
+        }
+        if kind == "chain" {
+            if let Some(hook) = &o.hook {
+                let chain_type = o.kind.as_ref().and_then(Value::as_str).unwrap_or("?");
+                let policy = o
+                    .rest
+                    .get("policy")
+                    .and_then(Value::as_str)
+                    .unwrap_or("accept");
+                if o.dev.is_some()
+                    || !rules.base_chains.contains(&(chain_type, hook.as_str()))
+                    || !rules.policies.contains(&policy)
+                {
+                    bail!(
+                        "chain {name} of table bridge {table} is a `{chain_type}` chain on hook \
+                         `{hook}` with policy {policy}: a bridge-family base chain sees every \
+                         frame of every bridge on the host (incusbr0 too), so it may only be a \
+                         {} with policy {}; refused",
+                        rules
+                            .base_chains
+                            .iter()
+                            .map(|(t, h)| format!("`{t}` chain on hook `{h}`"))
+                            .collect::<Vec<_>>()
+                            .join(" or "),
+                        rules.policies.join(" or ")
+                    );
+                }
+            }
+        }
+        if kind == "rule" {
+            let chain = o.chain.as_deref().unwrap_or("?");
+            for stmt in &o.expr {
+                for (statement, value) in stmt {
+                    if !rules.statements.contains(&statement.as_str()) {
+                        bail!(
+                            "a rule of chain {chain} of table bridge {table} uses the \
+                             `{statement}` statement, which the bridge table never uses; refused"
+                        );
+                    }
+                    if statement == "match" {
+                        if let Some(left) = value.get("left") {
+                            check_bridge_operand(left, rules).map_err(|what| {
+                                anyhow::anyhow!(
+                                    "a rule of chain {chain} of table bridge {table} matches \
+                                     {what}, which the bridge table never reads (no conntrack \
+                                     or bridge metadata there); refused"
+                                )
+                            })?;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether the left side of a match reads only packet fields and `meta`
+/// keys of `rules` (through concatenations and bit masks, as `tcp flags`
+/// lists); the refused operand, printed, otherwise.
+fn check_bridge_operand(operand: &Value, rules: &BridgeRules) -> Result<(), String> {
+    let Some((key, inner)) = operand.as_object().and_then(|o| o.iter().next()) else {
+        return Err(operand.to_string());
+    };
+    let ok = match key.as_str() {
+        "payload" => inner
+            .get("protocol")
+            .and_then(Value::as_str)
+            .is_some_and(|p| rules.payload_protocols.contains(&p)),
+        "meta" => inner
+            .get("key")
+            .and_then(Value::as_str)
+            .is_some_and(|k| rules.meta_keys.contains(&k)),
+        "concat" => {
+            for part in inner.as_array().into_iter().flatten() {
+                check_bridge_operand(part, rules)?;
+            }
+            inner.is_array()
+        }
+        // `tcp flags & (syn | ack)`: [field, mask]; the mask is a constant.
+        "&" | "|" => match inner.as_array().map(Vec::as_slice) {
+            Some([field, _mask]) => return check_bridge_operand(field, rules),
+            _ => false,
+        },
+        _ => false,
+    };
+    ok.then_some(()).ok_or_else(|| operand.to_string())
 }
 
 /// How a live table becomes the wanted one without replacing it.
@@ -380,6 +564,35 @@ pub fn in_place_update(live: &Value, want: &Value) -> Option<InPlace> {
     let batch: Vec<Value> = [added_chains, refilled, sets, deleted].concat();
     (!batch.is_empty()).then(|| InPlace {
         batch: json!({ "nftables": batch }).to_string(),
+        chains,
+    })
+}
+
+/// [`in_place_update`] of every table one apply manages (by family: the
+/// inet table and, in host mode, the bridge table), in one batch and so one
+/// transaction. `None` when a table appears or disappears, when any table
+/// that differs cannot be updated in place, or when nothing differs: then
+/// the whole file is loaded (both tables, one transaction).
+pub fn in_place_tables(
+    live: &BTreeMap<String, Value>,
+    want: &BTreeMap<String, Value>,
+) -> Option<InPlace> {
+    if live.keys().ne(want.keys()) {
+        return None;
+    }
+    let mut ops = Vec::new();
+    let mut chains = false;
+    for (family, want) in want {
+        if &live[family] == want {
+            continue;
+        }
+        let update = in_place_update(&live[family], want)?;
+        chains |= update.chains;
+        let batch: Value = serde_json::from_str(&update.batch).ok()?;
+        ops.extend(batch.get("nftables")?.as_array()?.iter().cloned());
+    }
+    (!ops.is_empty()).then(|| InPlace {
+        batch: json!({ "nftables": ops }).to_string(),
         chains,
     })
 }
@@ -602,6 +815,165 @@ mod tests {
         let ops = batch["nftables"].as_array().unwrap();
         assert_eq!(ops.first().unwrap()["add"]["chain"]["name"], "p2");
         assert_eq!(ops.last().unwrap()["delete"]["chain"]["name"], "p1");
+    }
+
+    const BRIDGE: &str = r#", {"table": {"family": "bridge", "name": "t", "handle": 3}},
+        {"set": {"family": "bridge", "table": "t", "name": "macs", "handle": 1, "type": "ether_addr", "elem": ["00:11:22:33:44:55"]}},
+        {"chain": {"family": "bridge", "table": "t", "name": "isolation", "handle": 2, "type": "filter", "hook": "forward", "prio": -1, "policy": "accept"}},
+        {"chain": {"family": "bridge", "table": "t", "name": "sub", "handle": 3}},
+        {"rule": {"family": "bridge", "table": "t", "chain": "isolation", "handle": 4, "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "ether", "field": "type"}}, "right": "arp"}}, {"accept": null}]}},
+        {"rule": {"family": "bridge", "table": "t", "chain": "isolation", "handle": 5, "expr": [{"match": {"op": "==", "left": {"&": [{"payload": {"protocol": "tcp", "field": "flags"}}, ["syn", "ack"]]}, "right": "syn"}}, {"match": {"op": "==", "left": {"concat": [{"payload": {"protocol": "ip", "field": "saddr"}}, {"meta": {"key": "l4proto"}}]}, "right": "@pairs"}}, {"counter": {"packets": 3, "bytes": 9}}, {"jump": {"target": "sub"}}]}},
+        {"rule": {"family": "bridge", "table": "t", "chain": "isolation", "handle": 6, "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "ether", "field": "saddr"}}, "right": "@macs"}}, {"drop": null}]}}"#;
+
+    #[test]
+    fn a_bridge_table_of_the_renderers_shapes_passes_in_host_mode_only() {
+        let before = listing(SENTINEL);
+        let after = listing(&format!("{SENTINEL}{OURS}{BRIDGE}"));
+        check_effects(&before, &after, "t", &HOST_MODE).unwrap();
+        assert!(after.has_table("bridge", "t") && !after.has_table("bridge", "incus"));
+        // The router mode manages its inet table alone: a bridge table of
+        // the same name is a foreign change there.
+        let err = check_effects(&before, &after, "t", &ROUTER_MODE).unwrap_err();
+        assert!(err.to_string().contains("other than inet t"), "{err}");
+        // The bridge table has its own canonical form, next to the inet one.
+        assert_ne!(
+            after.family_table_canonical("bridge", "t"),
+            after.table_canonical("t")
+        );
+    }
+
+    #[test]
+    fn bridge_chains_that_would_cut_every_bridge_or_read_state_are_refused() {
+        let before = listing(SENTINEL);
+        let refused = [
+            (
+                r#""policy": "accept""#,
+                r#""policy": "drop""#,
+                "policy drop",
+            ),
+            (r#""hook": "forward""#, r#""hook": "input""#, "hook `input`"),
+            (
+                r#""hook": "forward""#,
+                r#""hook": "prerouting""#,
+                "hook `prerouting`",
+            ),
+            (
+                r#""hook": "forward""#,
+                r#""hook": "postrouting""#,
+                "hook `postrouting`",
+            ),
+            (
+                r#""type": "filter", "hook""#,
+                r#""type": "nat", "hook""#,
+                "`nat` chain",
+            ),
+            (
+                r#"{"payload": {"protocol": "ether", "field": "type"}}"#,
+                r#"{"ct": {"key": "state"}}"#,
+                "matches {\"ct\"",
+            ),
+            (
+                r#"{"meta": {"key": "l4proto"}}"#,
+                r#"{"meta": {"key": "ibrname"}}"#,
+                "ibrname",
+            ),
+            (
+                r#"{"payload": {"protocol": "tcp", "field": "flags"}}"#,
+                r#"{"payload": {"protocol": "vlan", "field": "id"}}"#,
+                "vlan",
+            ),
+            (r#"{"drop": null}"#, r#"{"reject": null}"#, "`reject`"),
+            (r#"{"drop": null}"#, r#"{"vmap": {}}"#, "`vmap`"),
+            (
+                r#""set": {"family": "bridge""#,
+                r#""map": {"family": "bridge""#,
+                "`map`",
+            ),
+        ];
+        for (from, to, expected) in refused {
+            assert!(BRIDGE.contains(from), "{from}");
+            let bridge = BRIDGE.replacen(from, to, 1);
+            let after = listing(&format!("{SENTINEL}{OURS}{bridge}"));
+            let err = check_effects(&before, &after, "t", &HOST_MODE)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expected), "{to}: {err}");
+            assert!(err.contains("refused"), "{to}: {err}");
+        }
+    }
+
+    #[test]
+    fn both_tables_update_in_place_in_one_batch_or_neither_does() {
+        let tables = |ours: &str, bridge: &str| {
+            let l = listing(&format!("{ours}{bridge}"));
+            BTreeMap::from([
+                (
+                    "bridge".to_string(),
+                    l.family_table_canonical("bridge", "t"),
+                ),
+                ("inet".to_string(), l.table_canonical("t")),
+            ])
+        };
+        let a = tables(OURS, BRIDGE);
+        assert_eq!(in_place_tables(&a, &a), None);
+        // Elements of both tables: one batch touching both families.
+        let more_macs = BRIDGE.replace(
+            r#""elem": ["00:11:22:33:44:55"]"#,
+            r#""elem": ["00:11:22:33:44:66"]"#,
+        );
+        let b = tables(
+            &OURS.replace(r#""net-b", "net-a""#, r#""net-c""#),
+            &more_macs,
+        );
+        let update = in_place_tables(&a, &b).unwrap();
+        assert!(!update.chains);
+        assert!(
+            update.batch.contains(r#""family":"bridge""#),
+            "{}",
+            update.batch
+        );
+        assert!(
+            update.batch.contains(r#""family":"inet""#),
+            "{}",
+            update.batch
+        );
+        // Only the bridge table's elements: a batch for it alone.
+        let c = tables(OURS, &more_macs);
+        let update = in_place_tables(&a, &c).unwrap();
+        assert!(
+            !update.batch.contains(r#""family":"inet""#),
+            "{}",
+            update.batch
+        );
+        // A bridge base chain changed: the whole file, even with inet
+        // elements that could go in place.
+        let d = tables(
+            &OURS.replace(r#""net-b", "net-a""#, r#""net-c""#),
+            &BRIDGE.replace(r#""right": "arp""#, r#""right": "ip""#),
+        );
+        assert_eq!(in_place_tables(&a, &d), None);
+        // A table that appears or goes: the whole file.
+        let mut e = a.clone();
+        e.remove("bridge");
+        assert_eq!(in_place_tables(&a, &e), None);
+        assert_eq!(in_place_tables(&e, &a), None);
+    }
+
+    #[test]
+    fn counters_figures_do_not_count_in_the_canonical_form() {
+        let a = listing(&format!("{OURS}{BRIDGE}")).family_table_canonical("bridge", "t");
+        let b = listing(&format!(
+            "{OURS}{}",
+            BRIDGE.replace("\"packets\": 3", "\"packets\": 7")
+        ))
+        .family_table_canonical("bridge", "t");
+        assert_eq!(a, b);
+        let c = listing(&format!(
+            "{OURS}{}",
+            BRIDGE.replace("\"drop\": null", "\"accept\": null")
+        ))
+        .family_table_canonical("bridge", "t");
+        assert_ne!(a, c);
     }
 
     #[test]

@@ -6,7 +6,9 @@
 //! all passed. This is a tokenizer instead: it understands quoting, comments,
 //! line continuations, `;` separators and brace nesting, splits the text
 //! into top-level commands, and accepts a command only when its object is
-//! `inet <our table>`. Then `nft -c` checks the syntax for real.
+//! `inet <our table>` (or, in host mode, `bridge <our table>`: the same-bridge
+//! isolation, see [`check_ruleset_in`]). Then `nft -c` checks the syntax for
+//! real.
 
 use crate::model::TableName;
 use anyhow::bail;
@@ -64,9 +66,24 @@ const OBJECTS: &[&str] = &[
     "synproxy",
 ];
 
+/// The table families a single-table mode (router, routing) touches.
+pub const INET_ONLY: &[&str] = &["inet"];
+
+/// The families host mode manages under one table name: the isolation
+/// between domains (`inet`) and the isolation inside a domain (`bridge`,
+/// optional: older files have none).
+pub const HOST_FAMILIES: &[&str] = &["inet", "bridge"];
+
 /// Checks that `text` only touches `table inet <table>`. The error quotes
 /// the offending line.
 pub fn check_ruleset(text: &str, table: &TableName) -> anyhow::Result<()> {
+    check_ruleset_in(text, table, INET_ONLY)
+}
+
+/// Checks that `text` only touches `table <family> <table>` for the given
+/// `families` (`inet` first, and always defined). The error quotes the
+/// offending line.
+pub fn check_ruleset_in(text: &str, table: &TableName, families: &[&str]) -> anyhow::Result<()> {
     let lines: Vec<&str> = text.lines().collect();
     let quote = |line: usize| lines.get(line - 1).map(|l| l.trim()).unwrap_or("");
     let tokens = tokenize(text)?;
@@ -95,12 +112,17 @@ pub fn check_ruleset(text: &str, table: &TableName) -> anyhow::Result<()> {
     }
     let mut defines_table = false;
     for command in &commands {
-        match check_command(command, table) {
-            Ok(is_definition) => defines_table |= is_definition,
+        match check_command(command, table, families) {
+            Ok(defined) => defines_table |= defined == Some("inet"),
             Err(why) => bail!(
-                "line {}: `{}` is refused: {why}; only table inet {table} may be touched",
+                "line {}: `{}` is refused: {why}; only {} may be touched",
                 command.line,
-                quote(command.line)
+                quote(command.line),
+                families
+                    .iter()
+                    .map(|family| format!("table {family} {table}"))
+                    .collect::<Vec<_>>()
+                    .join(" and ")
             ),
         }
     }
@@ -110,8 +132,13 @@ pub fn check_ruleset(text: &str, table: &TableName) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Returns whether the command defines (creates or fills) our table.
-fn check_command(command: &Command, table: &TableName) -> Result<bool, String> {
+/// Returns the family of our table the command defines (creates or fills),
+/// if it defines one.
+fn check_command<'a>(
+    command: &'a Command,
+    table: &TableName,
+    families: &[&str],
+) -> Result<Option<&'a str>, String> {
     let words: Vec<&str> = command.tokens.iter().map(|t| t.text.as_str()).collect();
     let (verb, rest) = match words.first() {
         Some(&"table") => ("add", &words[..]),
@@ -124,7 +151,7 @@ fn check_command(command: &Command, table: &TableName) -> Result<bool, String> {
             ));
         }
         Some(other) => return Err(format!("unknown command `{other}`")),
-        None => return Ok(false),
+        None => return Ok(None),
     };
     let object = rest.first().copied().unwrap_or("");
     if object == "ruleset" {
@@ -138,7 +165,7 @@ fn check_command(command: &Command, table: &TableName) -> Result<bool, String> {
     let family = rest.get(spec_at).copied();
     let name = rest.get(spec_at + 1).copied();
     match (family, name) {
-        (Some("inet"), Some(name)) if name == table.as_str() => {}
+        (Some(family), Some(name)) if families.contains(&family) && name == table.as_str() => {}
         (Some(family), Some(name))
             if ["ip", "ip6", "inet", "arp", "bridge", "netdev"].contains(&family) =>
         {
@@ -152,7 +179,9 @@ fn check_command(command: &Command, table: &TableName) -> Result<bool, String> {
         }
         (None, _) => return Err("it names no table".to_string()),
     }
-    Ok(object == "table" && verb != "delete" && verb != "flush")
+    Ok((object == "table" && verb != "delete" && verb != "flush")
+        .then_some(family)
+        .flatten())
 }
 
 /// Table names other managers create (in any family: our `inet` table of
@@ -516,6 +545,33 @@ mod tests {
     fn quoted_and_commented_words_do_not_count() {
         let text = "# flush ruleset\ntable inet anklume { chain c { log prefix \"include flush ruleset\" } }\n";
         check_ruleset(text, &table()).unwrap();
+    }
+
+    #[test]
+    fn the_bridge_table_of_our_name_is_accepted_only_where_the_mode_manages_it() {
+        let text = format!(
+            "{GOOD}table bridge anklume {{}}\ndelete table bridge anklume\ntable bridge anklume {{\n\tchain c {{ type filter hook forward priority -1; policy accept; ether saddr 00:11:22:33:44:55 drop; }}\n}}\n"
+        );
+        check_ruleset_in(&text, &table(), HOST_FAMILIES).unwrap();
+        let err = check_ruleset(&text, &table()).unwrap_err().to_string();
+        assert!(err.contains("bridge anklume"), "{err}");
+        for (line, expected) in [
+            ("table bridge filter { }", "bridge filter"),
+            ("delete table bridge anklume2", "bridge anklume2"),
+            ("table netdev anklume { }", "netdev anklume"),
+        ] {
+            let err = check_ruleset_in(&format!("{text}{line}\n"), &table(), HOST_FAMILIES)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expected), "{line}: {err}");
+        }
+        // The inet table stays required: a bridge table alone is not a
+        // rendered ruleset.
+        let bridge_only = "table bridge anklume { chain c { } }\n";
+        let err = check_ruleset_in(bridge_only, &table(), HOST_FAMILIES)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("never defines table inet"), "{err}");
     }
 
     #[test]

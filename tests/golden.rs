@@ -31,6 +31,9 @@ struct Case {
     /// The `domains` option.
     domains: Value,
     protected: &'static [&'static str],
+    /// Bridges with subnets (10.<i>.0.1/24, fd00:<i>::1/64), as Incus
+    /// reports them.
+    subnets: bool,
 }
 
 impl Case {
@@ -45,6 +48,7 @@ impl Case {
             capabilities: Capabilities::ALL,
             domains: json!({}),
             protected: &[],
+            subnets: false,
         }
     }
 }
@@ -60,12 +64,29 @@ fn machine(name: &str, bridge: &str, v4: &[&str], v6: &[&str]) -> Machine {
     m
 }
 
+/// A machine with its NIC's MAC, MAC filtering on.
+fn machine_mac(name: &str, bridge: &str, mac: &str, v4: &[&str], v6: &[&str]) -> Machine {
+    let mut m = machine(name, bridge, v4, v6);
+    m.hwaddr = Some(mac.parse().unwrap());
+    m.mac_filtering = true;
+    m
+}
+
 fn render_case(case: &Case) -> String {
     let pattern = BridgePattern::new("net-").unwrap();
     let bridges: Vec<DomainBridge> = case
         .bridges
         .iter()
-        .map(|b| DomainBridge::new(IfName::new(b).unwrap(), &pattern).unwrap())
+        .enumerate()
+        .map(|(i, b)| {
+            let mut b = DomainBridge::new(IfName::new(b).unwrap(), &pattern).unwrap();
+            if case.subnets {
+                b.ipv4 = Some(format!("10.{i}.0.1/24").parse().unwrap());
+                b.ipv6 = Some(format!("fd00:{i}::1/64").parse().unwrap());
+                b.subnets_known = true;
+            }
+            b
+        })
         .collect();
     let specs = PolicySpec::parse_all(case.policies.as_array().unwrap()).unwrap();
     let world = World::new(&bridges, &case.machines);
@@ -75,7 +96,7 @@ fn render_case(case: &Case) -> String {
         ..RawLogging::default()
     })
     .unwrap();
-    let (plan, _) = HostPlan::build(HostPlanInput {
+    let (mut plan, _) = HostPlan::build(HostPlanInput {
         protected_networks: parse_protected_networks(case.protected).unwrap(),
         domain_settings: DomainSettings::parse(
             &serde_json::from_value(case.domains.clone()).unwrap(),
@@ -91,6 +112,7 @@ fn render_case(case: &Case) -> String {
         capabilities: case.capabilities,
     })
     .unwrap();
+    plan.add_machines(&case.machines);
     render::host(&plan).unwrap()
 }
 
@@ -203,6 +225,55 @@ fn cases() -> Vec<Case> {
                 {"from": "perso", "to": "2001:db8:252::/64", "ports": "all"}
             ]),
             ..Case::new("protected")
+        },
+        // Isolation inside a domain: pro isolates its machines (one without
+        // IPv6), with a policy on a port, a port-less one, a domain-wide one
+        // and one to another domain (the inet table's business); logged.
+        Case {
+            logging: true,
+            subnets: true,
+            machines: vec![
+                machine_mac(
+                    "pro-a",
+                    "net-pro",
+                    "00:16:3e:01:00:0a",
+                    &["10.1.0.10"],
+                    &["fd00:1::10"],
+                ),
+                machine_mac(
+                    "pro-b",
+                    "net-pro",
+                    "00:16:3e:01:00:0b",
+                    &["10.1.0.11"],
+                    &["fd00:1::11"],
+                ),
+                machine_mac("pro-c", "net-pro", "00:16:3e:01:00:0c", &["10.1.0.12"], &[]),
+                machine_mac("nas", "net-perso", "00:16:3e:02:00:0a", &["10.2.0.10"], &[]),
+            ],
+            domains: json!({"pro": {"isolate_machines": true}}),
+            policies: json!([
+                {"from": "pro-a", "to": "pro-b", "ports": [22, "8000-8010"]},
+                {"from": "pro-b", "to": "pro-c", "ports": "all"},
+                {"from": "pro", "to": "pro", "ports": [5353], "protocol": "udp"},
+                {"from": "pro-c", "to": "nas", "ports": [443]}
+            ]),
+            ..Case::new("isolate")
+        },
+        // Two isolated domains, no policy, no logging: the drops alone.
+        Case {
+            subnets: true,
+            machines: vec![
+                machine_mac("pro-a", "net-pro", "00:16:3e:01:00:0a", &["10.1.0.10"], &[]),
+                machine_mac(
+                    "nas",
+                    "net-perso",
+                    "00:16:3e:02:00:0a",
+                    &["10.2.0.10"],
+                    &["fd00:2::10"],
+                ),
+            ],
+            domains: json!({"pro": {"isolate_machines": true}, "perso": {"isolate_machines": true}}),
+            ..Case::new("isolate-strict")
         },
         Case {
             logging: true,

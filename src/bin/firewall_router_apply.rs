@@ -1,11 +1,12 @@
 //! Ansible binary module `firewall_router_apply`: validates a rendered
 //! ruleset and makes it live and persistent where rules are enforced (the
 //! host, or later the firewall VM), or with `state: absent` removes it. It
-//! only ever touches its own, marked table.
+//! only ever touches its own, marked tables: `inet <table>`, and in host mode
+//! `bridge <table>` (isolation inside a domain) when the ruleset has one.
 
 use anklume_isolation::apply::{self, Load, ModeRules, Ownership, HOST_MODE, ROUTER_MODE};
-use anklume_isolation::effects::in_place_update;
-use anklume_isolation::guard::{check_ruleset, check_table_name, strip_log_statements};
+use anklume_isolation::effects::in_place_tables;
+use anklume_isolation::guard::{check_ruleset_in, check_table_name, strip_log_statements};
 use anklume_isolation::model::firewall::{parse_interfaces, FirewallInterface, RawInterface};
 use anklume_isolation::model::TableName;
 use anklume_isolation::module::{self, Diff, Invocation, ModuleOptions, Outcome};
@@ -119,7 +120,7 @@ fn apply_module(inv: &Invocation<Options>) -> anyhow::Result<Outcome> {
             &dest,
             &unit_paths,
         ),
-        "absent" => absent(inv, &nft, &table, &dest, &unit_paths),
+        "absent" => absent(inv, &nft, &table, mode, &dest, &unit_paths),
         other => bail!("state {other:?} is unknown: use \"present\" or \"absent\""),
     }
 }
@@ -151,7 +152,8 @@ fn present(
 
     // Validate: our table only (text), what this kernel supports, the
     // kernel's own check, then what the ruleset does (scratch namespace).
-    check_ruleset(&desired, table)?;
+    let families = mode.families();
+    check_ruleset_in(&desired, table, families)?;
     if !nft.probe().log {
         let (stripped, removed) = strip_log_statements(&desired);
         if removed > 0 {
@@ -161,7 +163,7 @@ fn present(
                  their verdicts are unchanged, only silent"
             ));
             desired = stripped;
-            check_ruleset(&desired, table)?;
+            check_ruleset_in(&desired, table, families)?;
         }
     }
     nft.check(&desired)?;
@@ -171,11 +173,14 @@ fn present(
         Existing::Text(text) => Some(text.as_str()),
         _ => None,
     };
-    let owned = apply::ownership(nft, table, applied)?;
-    if owned == Ownership::Adopted {
+    // Every table of the mode is ours or absent (someone else's `bridge
+    // <table>` refuses the apply even when the file has no bridge table: the
+    // name is ours in both families).
+    let owned = apply::ownerships(nft, table, families, applied)?;
+    for (family, _) in owned.iter().filter(|(_, o)| **o == Ownership::Adopted) {
         warnings.push(format!(
-            "table inet {table} had no ownership mark but is exactly what {} loads: adopted \
-             (applied by an older version) and marked now",
+            "table {family} {table} had no ownership mark but is exactly what {} loads: \
+             adopted (applied by an older version) and marked now",
             dest.display()
         ));
     }
@@ -183,24 +188,31 @@ fn present(
     // Plan: compare what the kernel would hold with what it holds (nft's
     // JSON leaves out the table comment: an adopted table is reloaded to
     // carry the mark).
-    let old_table = match owned {
-        Ownership::Absent => None,
-        Ownership::Ours | Ownership::Adopted => nft.table_canonical(table)?,
+    let old_table = match owned.get("inet") {
+        Some(Ownership::Ours | Ownership::Adopted) => nft.table_canonical(table)?,
+        _ => None,
     };
-    let live = match owned {
-        Ownership::Ours => old_table.clone(),
-        Ownership::Absent | Ownership::Adopted => None,
+    let live = apply::live_tables(nft, table, &owned)?;
+    let live_changed = live != verified.tables;
+    // A bridge table of ours that the ruleset no longer has (a file from
+    // before isolation inside domains, or none isolated and an older
+    // render): deleted in the same transaction, so live equals the file.
+    let stale_bridge = families.contains(&"bridge")
+        && live.contains_key("bridge")
+        && !verified.tables.contains_key("bridge");
+    let whole = match stale_bridge {
+        true => format!("{desired}\ntable bridge {table} {{}}\ndelete table bridge {table}\n"),
+        false => desired.clone(),
     };
-    let live_changed = live.as_ref() != Some(&verified.want);
-    // Same base chains: update elements (and the chains maps jump to) in
-    // one transaction instead of swapping the whole table.
-    let in_place = live
-        .as_ref()
-        .and_then(|live| in_place_update(live, &verified.want));
+    // Same base chains: update elements (and the chains maps jump to) of
+    // both tables in one transaction instead of swapping the whole file. A
+    // table that appears or goes, or any other change, swaps the whole file
+    // (both tables, one transaction).
+    let in_place = in_place_tables(&live, &verified.tables);
     let load = live_changed.then(|| match &in_place {
         Some(update) if update.chains => Load::Chains(&update.batch),
         Some(update) => Load::Sets(&update.batch),
-        None => Load::Table(&desired),
+        None => Load::Table(&whole),
     });
     let file_changed = !files.holds(&desired);
     if let Existing::Unreadable(_) = files.current {
@@ -232,9 +244,11 @@ fn present(
             foreign.join("; ")
         ));
     }
-    if !file_changed && live_changed && owned == Ownership::Ours {
+    let ours = owned.get("inet") == Some(&Ownership::Ours)
+        && !owned.values().any(|o| *o == Ownership::Adopted);
+    if !file_changed && live_changed && ours {
         warnings.push(format!(
-            "the live table inet {table} differed from {}: it was changed outside this module",
+            "the live tables of {table} differed from {}: they were changed outside this module",
             dest.display()
         ));
     }
@@ -256,7 +270,7 @@ fn present(
             }
         }
         if live_changed || file_changed {
-            apply::commit(nft, table, &desired, &verified.want, load, &files)?;
+            apply::commit(nft, table, &desired, &verified, load, &files)?;
         }
         if let (true, Some(old)) = (live_changed, &old_table) {
             revoked = cut_revoked(table, old, &verified.want, nft.timeout(), &mut warnings);
@@ -295,6 +309,14 @@ fn present(
         .set("dest", dest.display().to_string())
         .set("sha256", sha256_hex(&desired))
         .set("table", format!("inet {table}"))
+        .set(
+            "tables",
+            verified
+                .tables
+                .keys()
+                .map(|family| format!("{family} {table}"))
+                .collect::<Vec<_>>(),
+        )
         .set("live_changed", live_changed)
         .set("update", load.map(|load| load.kind()))
         .set("revoked_connections", revoked)
@@ -312,12 +334,13 @@ fn present(
     Ok(outcome)
 }
 
-/// `state: absent`: our table, its file, `.previous` and the boot unit,
-/// nothing else.
+/// `state: absent`: our tables (inet, and bridge in host mode), the file,
+/// `.previous` and the boot unit, nothing else.
 fn absent(
     inv: &Invocation<Options>,
     nft: &Nft,
     table: &TableName,
+    mode: &ModeRules,
     dest: &Path,
     unit_paths: &UnitPaths,
 ) -> anyhow::Result<Outcome> {
@@ -326,19 +349,28 @@ fn absent(
         Existing::Text(text) => Some(text),
         _ => None,
     };
-    apply::ownership(nft, table, applied.as_deref())?;
+    apply::ownerships(nft, table, mode.families(), applied.as_deref())?;
     let unit_exists = unit_paths.exists();
     if unit_exists && !inv.check_mode {
         // The unit first: a crash half-way must not leave a boot unit that
         // loads the fail-closed fallback without its file.
         unit_paths.remove()?;
     }
-    let removed = apply::remove(nft, table, dest, inv.check_mode)?;
-    let mut outcome = Outcome::new(removed.table || !removed.files.is_empty() || unit_exists);
+    let removed = apply::remove(nft, table, mode.families(), dest, inv.check_mode)?;
+    let mut outcome =
+        Outcome::new(!removed.families.is_empty() || !removed.files.is_empty() || unit_exists);
     outcome
         .set("state", "absent")
         .set("table", format!("inet {table}"))
         .set("table_removed", removed.table)
+        .set(
+            "tables_removed",
+            removed
+                .families
+                .iter()
+                .map(|family| format!("{family} {table}"))
+                .collect::<Vec<_>>(),
+        )
         .set(
             "files_removed",
             removed

@@ -155,10 +155,12 @@ fn render_module(inv: &Invocation<Options>) -> anyhow::Result<Outcome> {
             .into_iter()
             .any(|end| matches!(end, EndpointRef::Named(n) if !domain_names.contains(n.as_str())))
     });
-    let mut machines = if names_a_machine {
+    // A domain that isolates its machines needs their MACs too.
+    let isolates = router.is_none() && !domain_settings.1.is_empty();
+    let mut machines = if names_a_machine || isolates {
         let incus = incus().context(
-            "a network policy names something that is not a domain, so machines must be \
-             looked up in Incus",
+            "a network policy names something that is not a domain, or a domain isolates its \
+             machines, so machines must be looked up in Incus",
         )?;
         // Explicit bridges skip discovery, but a machine's addresses are
         // only trusted inside its bridge's subnets: learn those of the
@@ -194,7 +196,7 @@ fn render_module(inv: &Invocation<Options>) -> anyhow::Result<Outcome> {
         .collect();
     let (report, content) = match &router {
         None => {
-            let (plan, plan_warnings) = HostPlan::build(HostPlanInput {
+            let (mut plan, plan_warnings) = HostPlan::build(HostPlanInput {
                 protected_networks,
                 domain_settings,
                 table,
@@ -207,6 +209,7 @@ fn render_module(inv: &Invocation<Options>) -> anyhow::Result<Outcome> {
                 capabilities,
             })?;
             warnings.extend(plan_warnings);
+            warnings.extend(plan.add_machines(&machines));
             let content = render::host(&plan)?;
             let reachability = if plan.domains.len() <= REPORT_MAX_DOMAINS {
                 Some(serde_json::to_value(plan.reachability())?)
@@ -228,7 +231,10 @@ fn render_module(inv: &Invocation<Options>) -> anyhow::Result<Outcome> {
             (report, content)
         }
         Some(interfaces) => {
-            if !domain_settings.0.is_empty() || !protected_networks.is_empty() {
+            if !domain_settings.0.is_empty()
+                || !domain_settings.1.is_empty()
+                || !protected_networks.is_empty()
+            {
                 bail!(
                     "`domains` and `protected_networks` are host settings: target router does \
                      not take them (the host enforces them in both firewall modes)"

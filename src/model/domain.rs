@@ -37,15 +37,18 @@ pub enum Internet {
     Closed,
 }
 
-/// The validated settings, by domain name. Domains not listed are `Open`.
+/// The validated settings, by domain name: internet (domains not listed
+/// are `Open`), and the domains whose machines are isolated from each other
+/// (`isolate_machines: true`).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct DomainSettings(pub BTreeMap<Name, Internet>);
+pub struct DomainSettings(pub BTreeMap<Name, Internet>, pub BTreeSet<Name>);
 
 impl DomainSettings {
     /// Parses the `domains` option: a map of domain name to
     /// `{internet, egress, isolate_machines}`, every key optional.
     pub fn parse(raw: &BTreeMap<String, Value>) -> anyhow::Result<DomainSettings> {
         let mut out = BTreeMap::new();
+        let mut isolated = BTreeSet::new();
         for (name, value) in raw {
             let label = format!("domains.{name}");
             let domain = Name::new("domain", name).with_context(|| label.clone())?;
@@ -58,10 +61,7 @@ impl DomainSettings {
                 anyhow::anyhow!("{label}: {err} (the keys are internet, egress, isolate_machines)")
             })?;
             if raw.isolate_machines == Some(true) {
-                bail!(
-                    "{label}: isolate_machines is not implemented yet: remove it (or set it to \
-                     false) rather than rely on an isolation that is not there"
-                );
+                isolated.insert(domain.clone());
             }
             let internet = match (raw.internet.unwrap_or(true), raw.egress) {
                 (true, None) => Internet::Open,
@@ -94,7 +94,7 @@ impl DomainSettings {
             };
             out.insert(domain, internet);
         }
-        Ok(DomainSettings(out))
+        Ok(DomainSettings(out, isolated))
     }
 }
 
@@ -142,6 +142,11 @@ mod tests {
         assert_eq!(get("ai"), Internet::Open);
         assert_eq!(get("lab"), Internet::Open);
         assert!(matches!(get("perso"), Internet::Ports(p) if p.len() == 2));
+        assert!(s.1.is_empty(), "isolate_machines defaults to false");
+        let iso =
+            parse(json!({"pro": {"isolate_machines": true}, "ai": {"isolate_machines": false}}))
+                .unwrap();
+        assert_eq!(iso.1, BTreeSet::from([Name::new("d", "pro").unwrap()]));
         for (bad, says) in [
             (json!({"pro": {"internets": false}}), "unknown field"),
             (
@@ -157,10 +162,7 @@ mod tests {
                 json!({"pro": {"egress": [{"protocol": "tcp", "port": 0}]}}),
                 "out of range",
             ),
-            (
-                json!({"pro": {"isolate_machines": true}}),
-                "not implemented",
-            ),
+            (json!({"pro": {"isolate_machines": "yes"}}), "invalid type"),
         ] {
             let msg = format!("{:#}", parse(bad).unwrap_err());
             assert!(msg.contains(says) && msg.contains("domains.pro"), "{msg}");

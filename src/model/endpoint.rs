@@ -23,6 +23,14 @@ pub struct Machine {
     /// so no other instance on the bridge can take its address.
     pub ipv4_filtering: bool,
     pub ipv6_filtering: bool,
+    /// The NIC's MAC address (`volatile.<nic>.hwaddr`, or what the running
+    /// instance reports): how the bridge table knows the machines of a
+    /// domain that isolates its machines.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hwaddr: Option<super::MacAddr>,
+    /// `security.mac_filtering` on its NIC: Incus then drops frames it
+    /// sends from another MAC, so it cannot pass for another machine.
+    pub mac_filtering: bool,
     /// Addresses it reported outside the subnets of its own bridge, left
     /// out by [`confine_to_bridges`] (anyone root inside an instance can add
     /// one; it must never open another domain's address).
@@ -44,6 +52,8 @@ impl Machine {
             ipv6: BTreeSet::new(),
             ipv4_filtering: false,
             ipv6_filtering: false,
+            hwaddr: None,
+            mac_filtering: false,
             ignored: BTreeSet::new(),
             addresses_checked: false,
         }

@@ -4,9 +4,10 @@
 //! (and the golden tests send real packets through the rendered text to
 //! compare with this evaluator).
 
+use super::machines::{BCond, MachineFlows, Way, BRIDGE_CHAIN};
 use super::rules::{Action, Chain, Cond, Family, FibSel, IfSel, FORWARD_CHAIN, INPUT_CHAIN};
 use super::{HostAddrExceptions, HostPlan, PortSet};
-use crate::model::Protocol;
+use crate::model::{MacAddr, Protocol};
 use std::net::IpAddr;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +73,48 @@ pub struct ToHost<'a> {
     pub ct: CtState,
 }
 
+/// What a frame between two ports of one bridge carries (bridge family).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameL4 {
+    Tcp {
+        sport: u16,
+        dport: u16,
+        /// SYN without ACK: a packet opening a connection.
+        bare_syn: bool,
+    },
+    Udp {
+        sport: u16,
+        dport: u16,
+    },
+    EchoRequest,
+    EchoReply,
+    /// ICMPv6 neighbour solicitation or advertisement.
+    Nd,
+    /// Any other IP protocol or ICMP type.
+    Other,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Payload {
+    Arp,
+    Ip {
+        src: IpAddr,
+        dst: IpAddr,
+        l4: FrameL4,
+    },
+    /// Neither ARP nor IP.
+    Other,
+}
+
+/// A frame forwarded between two ports of one bridge (bridge `forward`
+/// hook): machine to machine, never to or from the host itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Frame {
+    pub src_mac: MacAddr,
+    pub dst_mac: MacAddr,
+    pub payload: Payload,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     Accept,
@@ -88,6 +131,10 @@ struct Packet<'a> {
     host_dst: Option<HostDst>,
     l4: L4,
     ct: CtState,
+    /// The Ethernet destination of a forwarded packet: `None` for one the
+    /// host routes (addressed to its own MAC), a machine's for one bridged
+    /// with br_netfilter on.
+    eth_dst: Option<MacAddr>,
 }
 
 impl HostPlan {
@@ -112,6 +159,7 @@ impl HostPlan {
         Evaluator {
             plan: self,
             chains: self.chains(),
+            bridge_chains: self.bridge_chains(),
         }
     }
 
@@ -130,6 +178,7 @@ impl HostPlan {
 pub struct Evaluator<'a> {
     plan: &'a HostPlan,
     chains: Vec<Chain>,
+    bridge_chains: Vec<Chain<BCond>>,
 }
 
 impl Evaluator<'_> {
@@ -143,6 +192,24 @@ impl Evaluator<'_> {
             host_dst: None,
             l4: p.l4,
             ct: p.ct,
+            eth_dst: None,
+        };
+        self.base_verdict(FORWARD_CHAIN, &packet)
+    }
+
+    /// The verdict of the inet forward hook for a frame bridged between two
+    /// machines of one bridge that br_netfilter hands to it (`iif == oif`,
+    /// addressed to the machine's own MAC).
+    pub fn forward_bridged(&self, p: &Forwarded<'_>, dst_mac: MacAddr) -> Verdict {
+        let packet = Packet {
+            iif: p.iif,
+            oif: p.oif,
+            src: p.src,
+            dst: Some(p.dst),
+            host_dst: None,
+            l4: p.l4,
+            ct: p.ct,
+            eth_dst: Some(dst_mac),
         };
         self.base_verdict(FORWARD_CHAIN, &packet)
     }
@@ -157,8 +224,18 @@ impl Evaluator<'_> {
             host_dst: Some(p.dst),
             l4: p.l4,
             ct: p.ct,
+            eth_dst: None,
         };
         self.base_verdict(INPUT_CHAIN, &packet)
+    }
+
+    /// The verdict of the bridge table's forward hook (policy accept; no
+    /// chain at all when no domain isolates its machines).
+    pub fn bridge(&self, f: &Frame) -> Verdict {
+        if self.bridge_chains.is_empty() {
+            return Verdict::Accept;
+        }
+        run_bridge(self.plan, &self.bridge_chains, BRIDGE_CHAIN, f).unwrap_or(Verdict::Accept)
     }
 
     fn base_verdict(&self, chain: &str, p: &Packet<'_>) -> Verdict {
@@ -263,6 +340,24 @@ fn holds(plan: &HostPlan, c: &Cond, p: &Packet<'_>) -> bool {
         Cond::CtDnat => p.ct == CtState::NewDnat,
         Cond::SaddrNet(net) => net.contains(&p.src),
         Cond::DaddrNet(net) => p.dst.is_some_and(|d| net.contains(&d)),
+        Cond::RoutedInside(family) => {
+            p.iif == p.oif
+                && plan
+                    .isolation
+                    .domains
+                    .iter()
+                    .filter(|(b, _)| b.as_str() == p.iif)
+                    .any(|(_, (v4, v6))| match (family, p.src, p.dst) {
+                        (Family::V4, IpAddr::V4(s), Some(IpAddr::V4(d))) => {
+                            v4.is_some_and(|n| n.trunc().contains(&s) && n.trunc().contains(&d))
+                        }
+                        (Family::V6, IpAddr::V6(s), Some(IpAddr::V6(d))) => {
+                            v6.is_some_and(|n| n.trunc().contains(&s) && n.trunc().contains(&d))
+                        }
+                        _ => false,
+                    })
+        }
+        Cond::EtherDaddrNotMachine => !p.eth_dst.is_some_and(|m| plan.isolation.macs.contains(&m)),
         Cond::DaddrProtected(_) => match p.dst {
             Some(IpAddr::V4(d)) => plan.protected_v4.iter().any(|n| n.contains(&d)),
             Some(IpAddr::V6(d)) => plan.protected_v6.iter().any(|n| n.contains(&d)),
@@ -283,5 +378,114 @@ fn host_addr<A: Ord + Copy>(
             .any(|((b, a), set)| b.as_str() == p.iif && *a == src && p.l4.in_ports(set))
     } else {
         e.open.iter().any(|(b, a)| b.as_str() == p.iif && *a == src)
+    }
+}
+
+/// Runs one chain of the bridge table; `None` when the frame falls off its
+/// end.
+fn run_bridge(plan: &HostPlan, chains: &[Chain<BCond>], name: &str, f: &Frame) -> Option<Verdict> {
+    let chain = chains
+        .iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("a rule jumps to chain {name}, which the plan does not have"));
+    for rule in &chain.rules {
+        if !rule.conds.iter().all(|c| bridge_holds(plan, *c, f)) {
+            continue;
+        }
+        let verdict = match &rule.action {
+            Action::Accept => Some(Verdict::Accept),
+            Action::Drop => Some(Verdict::Drop),
+            Action::Log(_) => None,
+            Action::Jump(target) => run_bridge(plan, chains, target, f),
+            other => unreachable!("the bridge table has no {other:?}"),
+        };
+        if verdict.is_some() {
+            return verdict;
+        }
+    }
+    None
+}
+
+/// Whether `(a, b)` with this traffic is in one family's machine flows.
+fn flows_hold<A: Ord + Copy>(
+    flows: &MachineFlows<A>,
+    a: A,
+    b: A,
+    l4: FrameL4,
+    way: Way,
+    services: bool,
+) -> bool {
+    if !services {
+        return flows.open.contains(&(a, b));
+    }
+    let (proto, port) = match (l4, way) {
+        (FrameL4::Tcp { dport, .. }, Way::Forward) => (Protocol::Tcp, dport),
+        (FrameL4::Tcp { sport, .. }, Way::Reply) => (Protocol::Tcp, sport),
+        (FrameL4::Udp { dport, .. }, Way::Forward) => (Protocol::Udp, dport),
+        (FrameL4::Udp { sport, .. }, Way::Reply) => (Protocol::Udp, sport),
+        _ => return false,
+    };
+    flows
+        .services
+        .get(&(a, b))
+        .is_some_and(|set| set.contains(proto, port))
+}
+
+fn bridge_holds(plan: &HostPlan, c: BCond, f: &Frame) -> bool {
+    let iso = &plan.isolation;
+    let ip = match f.payload {
+        Payload::Ip { src, dst, l4 } => Some((src, dst, l4)),
+        Payload::Arp | Payload::Other => None,
+    };
+    let flows = |family: Family, way: Way, services: bool| match ip {
+        Some((IpAddr::V4(s), IpAddr::V4(d), l4)) if family == Family::V4 => {
+            let (a, b) = if way == Way::Forward { (s, d) } else { (d, s) };
+            flows_hold(&iso.v4, a, b, l4, way, services)
+        }
+        Some((IpAddr::V6(s), IpAddr::V6(d), l4)) if family == Family::V6 => {
+            let (a, b) = if way == Way::Forward { (s, d) } else { (d, s) };
+            flows_hold(&iso.v6, a, b, l4, way, services)
+        }
+        _ => false,
+    };
+    match c {
+        BCond::Arp => f.payload == Payload::Arp,
+        BCond::NeighbourDiscovery => {
+            matches!(ip, Some((IpAddr::V6(_), _, FrameL4::Nd)))
+        }
+        BCond::Services(family, way) => flows(family, way, true),
+        BCond::Open(family, way) => flows(family, way, false),
+        BCond::TcpNotSyn => matches!(
+            ip,
+            Some((
+                _,
+                _,
+                FrameL4::Tcp {
+                    bare_syn: false,
+                    ..
+                }
+            ))
+        ),
+        BCond::Udp => matches!(ip, Some((_, _, FrameL4::Udp { .. }))),
+        BCond::EchoReply(family) => {
+            matches!(ip, Some((src, _, FrameL4::EchoReply)) if family_of(src) == family)
+        }
+        BCond::SrcMacIsolated => iso.macs.contains(&f.src_mac),
+        BCond::DstMacIsolated => iso.macs.contains(&f.dst_mac),
+        BCond::DstGroup => f.dst_mac.is_group(),
+        BCond::InsideSubnet(Family::V4) => match ip {
+            Some((IpAddr::V4(s), IpAddr::V4(d), _)) => plan
+                .isolated_subnets_v4()
+                .iter()
+                .any(|n| n.contains(&s) && n.contains(&d)),
+            _ => false,
+        },
+        BCond::InsideSubnet(Family::V6) => match ip {
+            Some((IpAddr::V6(s), IpAddr::V6(d), _)) => plan
+                .isolated_subnets_v6()
+                .iter()
+                .any(|n| n.contains(&s) && n.contains(&d)),
+            _ => false,
+        },
     }
 }

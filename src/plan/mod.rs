@@ -14,6 +14,7 @@
 
 pub mod eval;
 pub mod expand;
+pub mod machines;
 pub mod profile;
 pub mod report;
 pub mod router;
@@ -352,6 +353,8 @@ pub struct HostPlan {
     pub conntrack: bool,
     /// What each policy did, for the operator's report.
     pub policies: Vec<PolicyEffect>,
+    /// Domains that isolate their machines (the bridge table).
+    pub isolation: machines::Isolation,
 }
 
 /// How one policy landed in the plan.
@@ -453,6 +456,7 @@ impl HostPlan {
             logging: None,
             conntrack: input.capabilities.conntrack,
             policies: Vec::new(),
+            isolation: machines::Isolation::default(),
         };
 
         // Same-bridge traffic is a domain talking to itself. With
@@ -517,10 +521,34 @@ impl HostPlan {
             };
             plan.egress.insert(bridge, rules);
         }
+        for domain in &input.domain_settings.1 {
+            let Some(b) = input.bridges.iter().find(|b| b.domain == *domain) else {
+                bail!(
+                    "domains.{domain}: not a known domain ({})",
+                    plan.domains
+                        .values()
+                        .map(Name::as_str)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            };
+            if !b.subnets_known {
+                warnings.push(format!(
+                    "domain {domain} isolates its machines but the subnets of {} are unknown (an \
+                     explicit `bridges` entry that Incus does not manage): only its machines' \
+                     MACs isolate them",
+                    b.bridge
+                ));
+            }
+            plan.isolation
+                .domains
+                .insert(b.bridge.clone(), (b.ipv4, b.ipv6));
+        }
         for policy in input.policies {
             let effect = plan.add_policy(policy);
             plan.policies.push(effect);
         }
+        plan.expand_isolation();
         for pair in plan.pairs.values_mut() {
             pair.ports.normalize();
             pair.v4.normalize();
@@ -595,6 +623,19 @@ impl HostPlan {
                  protected network overlaps it): nothing to open"
                     .to_string(),
             ),
+            (from, to)
+                if from
+                    .bridge()
+                    .is_some_and(|b| self.isolation.domains.contains_key(b))
+                    && from.bridge() == to.bridge() =>
+            {
+                Some(
+                    "both ends are in a domain that isolates its machines: opened between its \
+                     machines by the bridge table (replies matched statelessly; a whole domain \
+                     stands for its machines known at render time)"
+                        .to_string(),
+                )
+            }
             (from, to) if from.bridge().is_some() && from.bridge() == to.bridge() => Some(
                 "both ends are on the same bridge, where traffic is already allowed".to_string(),
             ),
@@ -663,7 +704,15 @@ impl HostPlan {
                 self.host.add(src, &flow.traffic);
                 self.host.size() - before
             }
-            (End::Bridge(src), End::Bridge(dst)) if src.bridge == dst.bridge => 0,
+            (End::Bridge(src), End::Bridge(dst)) if src.bridge == dst.bridge => {
+                // Inside an isolated domain the bridge table opens it; the
+                // elements are counted when machines are known (expand).
+                if self.isolation.domains.contains_key(&src.bridge) {
+                    let policy = self.policies.len();
+                    self.isolation.flows.push((policy, flow.clone()));
+                }
+                0
+            }
             (End::Bridge(src), End::Bridge(dst)) => {
                 let pair = self.pair_mut(&src.bridge, &dst.bridge);
                 let before = pair.size();

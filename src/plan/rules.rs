@@ -26,6 +26,11 @@ pub const HOST_SERVICES_V6: &str = "host_services_v6";
 pub const DENY_LOG: &str = "deny_log";
 pub const HOST_DENY_LOG: &str = "host_deny_log";
 pub const LOG_BUDGET: &str = "log_budget";
+/// Isolated domains, for packets the host routes back onto their bridge.
+pub const ROUTED_INSIDE_V4: &str = "routed_inside_v4";
+pub const ROUTED_INSIDE_V6: &str = "routed_inside_v6";
+/// The isolated domains' machine MACs (the inet table's own copy).
+pub const MACHINE_MACS: &str = "machine_macs";
 
 /// Chains and their hooks.
 pub const FORWARD_CHAIN: &str = "isolation";
@@ -83,7 +88,7 @@ pub enum Family {
 }
 
 impl Family {
-    fn ip(self) -> &'static str {
+    pub(super) fn ip(self) -> &'static str {
         match self {
             Family::V4 => "ip",
             Family::V6 => "ip6",
@@ -150,6 +155,12 @@ pub enum Cond {
     DaddrNet(ipnet::IpNet),
     /// `ip daddr @protected_v4`, `ip6 daddr @protected_v6`.
     DaddrProtected(Family),
+    /// `iifname . oifname . ip saddr . ip daddr @routed_inside_v4`: in and
+    /// out of one isolated domain's bridge, both ends in its subnet.
+    RoutedInside(Family),
+    /// `ether daddr != @machine_macs`: not addressed to a known machine,
+    /// so routed by the host (its own MAC) rather than bridged.
+    EtherDaddrNotMachine,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -179,16 +190,18 @@ pub enum Action {
     CtVmap,
 }
 
+/// A rule: conditions (the inet table's [`Cond`], or the bridge table's
+/// [`super::machines::BCond`]) and an action.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rule {
+pub struct Rule<C = Cond> {
     /// Why the rule sits where it sits, rendered as a comment above it.
     pub why: Option<&'static str>,
-    pub conds: Vec<Cond>,
+    pub conds: Vec<C>,
     pub action: Action,
 }
 
-impl Rule {
-    fn new(conds: Vec<Cond>, action: Action) -> Rule {
+impl<C> Rule<C> {
+    pub(super) fn new(conds: Vec<C>, action: Action) -> Rule<C> {
         Rule {
             why: None,
             conds,
@@ -196,21 +209,21 @@ impl Rule {
         }
     }
 
-    fn why(mut self, why: &'static str) -> Rule {
+    pub(super) fn why(mut self, why: &'static str) -> Rule<C> {
         self.why = Some(why);
         self
     }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Chain {
+pub struct Chain<C = Cond> {
     pub name: String,
     /// `(hook, priority)` for base chains (policy accept).
     pub hook: Option<(&'static str, i32)>,
     pub why: Option<&'static str>,
     /// The pair a pair chain belongs to.
     pub pair: Option<(IfName, IfName)>,
-    pub rules: Vec<Rule>,
+    pub rules: Vec<Rule<C>>,
 }
 
 impl HostPlan {
@@ -269,7 +282,7 @@ impl HostPlan {
         chains
     }
 
-    fn log(&self, event: &str) -> Option<Action> {
+    pub(super) fn log(&self, event: &str) -> Option<Action> {
         self.logging
             .as_ref()
             .map(|l| Action::Log(l.line_prefix(event, None)))
@@ -321,6 +334,30 @@ impl HostPlan {
                  so this is the path most of their packets take.",
             ),
         );
+        let mut first = true;
+        for (family, used) in [
+            (Family::V4, !self.isolated_subnets_v4().is_empty()),
+            (Family::V6, !self.isolated_subnets_v6().is_empty()),
+        ] {
+            if !used {
+                continue;
+            }
+            let mut conds = vec![RoutedInside(family)];
+            if !self.isolation.macs.is_empty() {
+                conds.push(EtherDaddrNotMachine);
+            }
+            let rule = Rule::new(conds, Action::Deny);
+            rules.push(if std::mem::take(&mut first) {
+                rule.why(
+                    "A machine of a domain that isolates its machines sending to a neighbour \
+                     through the gateway's MAC: the host would route it back onto the bridge, \
+                     out of the bridge table's sight. Bridged frames (br_netfilter on) are \
+                     addressed to the machine's own MAC and were judged by the bridge table.",
+                )
+            } else {
+                rule
+            });
+        }
         rules.push(Rule::new(vec![], Action::PairsVmap).why(
             "Between two known domains: one lookup decides. Same-bridge, admin and port-less \
                  pairs accept; a pair that policies open jumps to its own small chain; any other \
@@ -668,6 +705,13 @@ impl Cond {
             Cond::DaddrNet(net) => format!("{} daddr {net}", ip_of(&net.addr())),
             Cond::DaddrProtected(Family::V4) => format!("ip daddr @{PROTECTED_V4}"),
             Cond::DaddrProtected(Family::V6) => format!("ip6 daddr @{PROTECTED_V6}"),
+            Cond::RoutedInside(Family::V4) => {
+                format!("iifname . oifname . ip saddr . ip daddr @{ROUTED_INSIDE_V4}")
+            }
+            Cond::RoutedInside(Family::V6) => {
+                format!("iifname . oifname . ip6 saddr . ip6 daddr @{ROUTED_INSIDE_V6}")
+            }
+            Cond::EtherDaddrNotMachine => format!("ether daddr != @{MACHINE_MACS}"),
         }
     }
 }

@@ -5,11 +5,15 @@
 //! formats them, and the template only loops and quotes.
 
 use crate::model::IfName;
+use crate::plan::machines::{
+    service_elements, BCond, DENY_MACHINES_CHAIN, ISOLATED_MACS, ISOLATED_V4, ISOLATED_V6,
+    MACHINE_OPEN_V4, MACHINE_OPEN_V6, MACHINE_SERVICES_V4, MACHINE_SERVICES_V6,
+};
 use crate::plan::rules::{
     egress_chain_name, inbound_chain_name, pair_chain_name, protected_chain_name, Chain, DENY_LOG,
     DOMAIN_BRIDGES, EGRESS, GATEWAY_SERVICES, HOST_DENY_LOG, HOST_OPEN, HOST_OPEN_V4, HOST_OPEN_V6,
-    HOST_SERVICES, HOST_SERVICES_V4, HOST_SERVICES_V6, INBOUND, LOG_BUDGET, PAIRS, PROTECTED_OPEN,
-    PROTECTED_V4, PROTECTED_V6,
+    HOST_SERVICES, HOST_SERVICES_V4, HOST_SERVICES_V6, INBOUND, LOG_BUDGET, MACHINE_MACS, PAIRS,
+    PROTECTED_OPEN, PROTECTED_V4, PROTECTED_V6, ROUTED_INSIDE_V4, ROUTED_INSIDE_V6,
 };
 use crate::plan::{HostAddrExceptions, HostPlan, PairExceptions, PortSet};
 use anyhow::Context;
@@ -120,6 +124,17 @@ struct LoggingView {
     chains: Vec<LogChain>,
 }
 
+/// The bridge table (isolation inside a domain): same name as the inet
+/// table, always rendered on the host so that a render without isolated
+/// domains removes the rules of an earlier one in the same atomic load.
+#[derive(Serialize)]
+struct BridgeView {
+    sets: Vec<SetView>,
+    /// The shared log budget, when the bridge chain logs.
+    log_budget: Option<LoggingView>,
+    chains: Vec<ChainView>,
+}
+
 #[derive(Serialize)]
 struct HostView {
     summary: String,
@@ -129,6 +144,7 @@ struct HostView {
     maps: Vec<MapView>,
     logging: Option<LoggingView>,
     chains: Vec<ChainView>,
+    bridge: BridgeView,
 }
 
 /// Splits a sentence into comment lines.
@@ -242,6 +258,45 @@ fn sets(plan: &HostPlan) -> Vec<SetView> {
                 elements,
             });
         }
+    }
+    for (name, type_, elements) in [
+        (
+            ROUTED_INSIDE_V4,
+            "ifname . ifname . ipv4_addr . ipv4_addr",
+            isolated_elements(plan, |(v4, _)| v4.map(|n| n.trunc().to_string())),
+        ),
+        (
+            ROUTED_INSIDE_V6,
+            "ifname . ifname . ipv6_addr . ipv6_addr",
+            isolated_elements(plan, |(_, v6)| v6.map(|n| n.trunc().to_string())),
+        ),
+    ] {
+        if !elements.is_empty() {
+            sets.push(SetView {
+                name,
+                why: wrap(
+                    "Domains that isolate their machines: in and out of their bridge, both \
+                     ends in their subnet.",
+                ),
+                type_: type_.into(),
+                interval: true,
+                elements,
+            });
+        }
+    }
+    if !plan.isolation.macs.is_empty() {
+        sets.push(SetView {
+            name: MACHINE_MACS,
+            why: wrap("MACs of the machines of domains that isolate their machines."),
+            type_: "ether_addr".into(),
+            interval: false,
+            elements: plan
+                .isolation
+                .macs
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+        });
     }
     let gateway = PortSet::from(&plan.gateway);
     if !gateway.is_empty() {
@@ -373,7 +428,7 @@ fn maps(plan: &HostPlan) -> Vec<MapView> {
     maps
 }
 
-fn chain_view(plan: &HostPlan, chain: &Chain) -> ChainView {
+fn chain_view<C>(plan: &HostPlan, chain: &Chain<C>, cond: impl Fn(&C) -> String) -> ChainView {
     let why = match (&chain.why, &chain.pair) {
         (Some(why), _) => wrap(why),
         (None, Some((from, to))) => wrap(&format!(
@@ -393,7 +448,7 @@ fn chain_view(plan: &HostPlan, chain: &Chain) -> ChainView {
             .rules
             .iter()
             .map(|rule| {
-                let mut parts: Vec<String> = rule.conds.iter().map(|c| c.nft(plan)).collect();
+                let mut parts: Vec<String> = rule.conds.iter().map(&cond).collect();
                 parts.push(rule.action.nft(plan));
                 RuleView {
                     why: rule.why.map(wrap).unwrap_or_default(),
@@ -431,12 +486,139 @@ pub fn host(plan: &HostPlan) -> anyhow::Result<String> {
         sets: sets(plan),
         maps: maps(plan),
         logging,
-        chains: chains.iter().map(|c| chain_view(plan, c)).collect(),
+        chains: chains
+            .iter()
+            .map(|c| chain_view(plan, c, |cond| cond.nft(plan)))
+            .collect(),
+        bridge: bridge_view(plan),
     };
     environment()
         .get_template("host.nft")
         .and_then(|t| t.render(&view))
         .context("rendering the host ruleset template")
+}
+
+/// `"<bridge>" . "<bridge>" . <subnet> . <subnet>` for each isolated
+/// domain with a subnet in the family `net` picks.
+fn isolated_elements(
+    plan: &HostPlan,
+    net: impl Fn(&(Option<ipnet::Ipv4Net>, Option<ipnet::Ipv6Net>)) -> Option<String>,
+) -> Vec<String> {
+    plan.isolation
+        .domains
+        .iter()
+        .filter_map(|(b, nets)| net(nets).map(|n| format!("{0} . {0} . {n} . {n}", quoted(b))))
+        .collect()
+}
+
+fn bridge_sets(plan: &HostPlan) -> Vec<SetView> {
+    let iso = &plan.isolation;
+    let mut sets = Vec::new();
+    if !iso.macs.is_empty() {
+        sets.push(SetView {
+            name: ISOLATED_MACS,
+            why: wrap("MACs of the machines of domains that isolate their machines."),
+            type_: "ether_addr".into(),
+            interval: false,
+            elements: iso.macs.iter().map(ToString::to_string).collect(),
+        });
+    }
+    let v4: Vec<String> = plan
+        .isolated_subnets_v4()
+        .iter()
+        .map(|n| format!("{n} . {n}"))
+        .collect();
+    let v6: Vec<String> = plan
+        .isolated_subnets_v6()
+        .iter()
+        .map(|n| format!("{n} . {n}"))
+        .collect();
+    for (name, type_, elements) in [
+        (ISOLATED_V4, "ipv4_addr . ipv4_addr", v4),
+        (ISOLATED_V6, "ipv6_addr . ipv6_addr", v6),
+    ] {
+        if !elements.is_empty() {
+            sets.push(SetView {
+                name,
+                why: wrap(
+                    "Both ends in the subnet of one domain that isolates its machines \
+                     (subnet . subnet).",
+                ),
+                type_: type_.into(),
+                interval: true,
+                elements,
+            });
+        }
+    }
+    let addr = |v6: bool| if v6 { "ipv6_addr" } else { "ipv4_addr" };
+    for (v6, open, services, open_name, services_name) in [
+        (
+            false,
+            iso.v4
+                .open
+                .iter()
+                .map(|(s, d)| format!("{s} . {d}"))
+                .collect::<Vec<_>>(),
+            service_elements(&iso.v4),
+            MACHINE_OPEN_V4,
+            MACHINE_SERVICES_V4,
+        ),
+        (
+            true,
+            iso.v6
+                .open
+                .iter()
+                .map(|(s, d)| format!("{s} . {d}"))
+                .collect(),
+            service_elements(&iso.v6),
+            MACHINE_OPEN_V6,
+            MACHINE_SERVICES_V6,
+        ),
+    ] {
+        if !services.is_empty() {
+            sets.push(SetView {
+                name: services_name,
+                why: wrap(
+                    "Policies between two machines of an isolated domain: source, target, \
+                     protocol, ports.",
+                ),
+                type_: format!("{0} . {0} . inet_proto . inet_service", addr(v6)),
+                interval: true,
+                elements: services,
+            });
+        }
+        if !open.is_empty() {
+            sets.push(SetView {
+                name: open_name,
+                why: wrap("Port-less policies between two machines of an isolated domain."),
+                type_: format!("{0} . {0}", addr(v6)),
+                interval: false,
+                elements: open,
+            });
+        }
+    }
+    sets
+}
+
+fn bridge_view(plan: &HostPlan) -> BridgeView {
+    let chains = plan.bridge_chains();
+    let logs = chains.iter().any(|c| c.name == DENY_MACHINES_CHAIN);
+    BridgeView {
+        sets: bridge_sets(plan),
+        log_budget: plan
+            .logging
+            .as_ref()
+            .filter(|_| logs)
+            .map(|settings| LoggingView {
+                budget: LOG_BUDGET,
+                rate: settings.rate.clone(),
+                chains: Vec::new(),
+            }),
+        chains: chains
+            .iter()
+            .map(|c| chain_view(plan, c, BCond::nft))
+            .collect(),
+    }
 }
 
 fn summary(plan: &HostPlan) -> String {

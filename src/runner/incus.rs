@@ -3,7 +3,7 @@
 //! Parsing is split from querying so it can be tested on recorded JSON.
 
 use super::process::{find_program, run_with_stdin};
-use crate::model::{BridgePattern, DomainBridge, IfName, Machine, Name};
+use crate::model::{BridgePattern, DomainBridge, IfName, MacAddr, Machine, Name};
 use anyhow::Context;
 use ipnet::{Ipv4Net, Ipv6Net};
 use serde_json::Value;
@@ -199,6 +199,8 @@ pub fn parse_instances(
                     None => {}
                 }
             }
+            m.hwaddr = hwaddr_of(instance, device_name, ifname);
+            m.mac_filtering = device["security.mac_filtering"] == "true";
             m.ipv4_filtering = device["security.ipv4_filtering"] == "true";
             m.ipv6_filtering = device["security.ipv6_filtering"] == "true";
             nics.push(m);
@@ -213,6 +215,22 @@ pub fn parse_instances(
         }
     }
     Ok(machines)
+}
+
+/// The MAC of a NIC: Incus keeps the one it generated in
+/// `volatile.<device>.hwaddr` (a device may set `hwaddr` itself); a
+/// running instance also reports it. An unreadable value counts as unknown.
+fn hwaddr_of(instance: &Value, device: &str, ifname: &str) -> Option<MacAddr> {
+    let key = format!("volatile.{device}.hwaddr");
+    [
+        &instance["expanded_devices"][device]["hwaddr"],
+        &instance["devices"][device]["hwaddr"],
+        &instance["expanded_config"][key.as_str()],
+        &instance["config"][key.as_str()],
+        &instance["state"]["network"][ifname]["hwaddr"],
+    ]
+    .into_iter()
+    .find_map(|v| v.as_str().and_then(|s| s.parse().ok()))
 }
 
 #[cfg(test)]
@@ -264,6 +282,9 @@ mod tests {
         // Link-local fe80:: addresses are not global: left out.
         assert_eq!(shown, ["10.251.11.11", "fd42:251:11:0:1266:6aff:fefb:b0b"]);
         assert!(!web.ipv4_filtering && !web.ipv6_filtering);
+        // Its MAC, from what the running instance reports.
+        assert_eq!(web.hwaddr.unwrap().to_string(), "10:66:6a:fb:0b:0b");
+        assert!(!web.mac_filtering);
         assert_eq!(machines.len(), 5);
     }
 
@@ -278,6 +299,21 @@ mod tests {
         assert!(bridges[0].subnets_known);
         assert_eq!(bridges[0].ipv4.unwrap().to_string(), "10.251.11.1/24");
         assert!(!bridges[1].subnets_known && bridges[1].ipv4.is_none());
+    }
+
+    #[test]
+    fn the_mac_comes_from_volatile_config_first() {
+        let instances = serde_json::json!([{
+            "name": "a", "project": "p",
+            "expanded_devices": {"eth0": {"type": "nic", "network": "net-pro",
+                                          "security.mac_filtering": "true"}},
+            "expanded_config": {"volatile.eth0.hwaddr": "00:16:3E:00:00:01"},
+            "state": {"network": {"eth0": {"hwaddr": "00:16:3e:00:00:02", "addresses": []}}}
+        }]);
+        let bridges = [IfName::new("net-pro").unwrap()].into();
+        let m = &parse_instances(&instances, &bridges).unwrap()[0];
+        assert_eq!(m.hwaddr.unwrap().to_string(), "00:16:3e:00:00:01");
+        assert!(m.mac_filtering);
     }
 
     #[test]

@@ -44,6 +44,16 @@ table ip6 filter {
 }
 ";
 
+/// A bridge-family sentinel (ebtables-nft's table), loaded when the kernel
+/// has the bridge family: a kernel without it still checks inet-only
+/// rulesets (router mode in a minimal instance).
+const BRIDGE_SENTINEL: &str = "table bridge filter {
+	chain FORWARD {
+		type filter hook forward priority filter; policy accept;
+	}
+}
+";
+
 /// Separates the listings the scratch namespace prints.
 const SCRATCH_SEPARATOR: &str = ":::anklume-isolation:::";
 
@@ -56,6 +66,8 @@ pub struct Scratch {
     pub after: Listing,
     /// Our table's comment (nft 1.0.6 prints it only in text listings).
     pub comment: Option<String>,
+    /// The comment of `bridge <table>`, when the ruleset has one.
+    pub bridge_comment: Option<String>,
 }
 
 impl Nft {
@@ -135,7 +147,12 @@ impl Nft {
     }
 
     pub fn table_exists(&self, table: &TableName) -> anyhow::Result<bool> {
-        let out = self.run(&["-j", "list", "tables", "inet"], None)?;
+        self.family_table_exists("inet", table)
+    }
+
+    /// Whether `<family> <table>` exists.
+    pub fn family_table_exists(&self, family: &str, table: &TableName) -> anyhow::Result<bool> {
+        let out = self.run(&["-j", "list", "tables", family], None)?;
         let json: Value = serde_json::from_str(&out).context("nft printed invalid JSON")?;
         let exists = objects(&json, "table").any(|t| t["name"] == table.as_str());
         Ok(exists)
@@ -143,27 +160,58 @@ impl Nft {
 
     /// The live table as nft prints it (reloadable text), if it exists.
     pub fn table_text(&self, table: &TableName) -> anyhow::Result<Option<String>> {
-        if !self.table_exists(table)? {
+        self.family_table_text("inet", table)
+    }
+
+    /// [`Nft::table_text`] of `<family> <table>`.
+    pub fn family_table_text(
+        &self,
+        family: &str,
+        table: &TableName,
+    ) -> anyhow::Result<Option<String>> {
+        if !self.family_table_exists(family, table)? {
             return Ok(None);
         }
-        self.run(&["list", "table", "inet", table.as_str()], None)
+        self.run(&["list", "table", family, table.as_str()], None)
             .map(Some)
     }
 
     /// The live table in canonical JSON form, if it exists: read the same
     /// way as the scratch namespace's listing, so the two compare.
     pub fn table_canonical(&self, table: &TableName) -> anyhow::Result<Option<Value>> {
-        if !self.table_exists(table)? {
+        self.family_table_canonical("inet", table)
+    }
+
+    /// [`Nft::table_canonical`] of `<family> <table>`.
+    pub fn family_table_canonical(
+        &self,
+        family: &str,
+        table: &TableName,
+    ) -> anyhow::Result<Option<Value>> {
+        if !self.family_table_exists(family, table)? {
             return Ok(None);
         }
-        let out = self.run(&["-j", "list", "table", "inet", table.as_str()], None)?;
-        Ok(Some(Listing::parse(&out)?.table_canonical(table.as_str())))
+        let out = self.run(&["-j", "list", "table", family, table.as_str()], None)?;
+        Ok(Some(
+            Listing::parse(&out)?.family_table_canonical(family, table.as_str()),
+        ))
     }
 
     /// The live table's comment: `None` when the table does not exist,
     /// `Some(None)` when it has no comment.
     pub fn table_comment(&self, table: &TableName) -> anyhow::Result<Option<Option<String>>> {
-        Ok(self.table_text(table)?.map(|text| table_comment(&text)))
+        self.family_table_comment("inet", table)
+    }
+
+    /// [`Nft::table_comment`] of `<family> <table>`.
+    pub fn family_table_comment(
+        &self,
+        family: &str,
+        table: &TableName,
+    ) -> anyhow::Result<Option<Option<String>>> {
+        Ok(self
+            .family_table_text(family, table)?
+            .map(|text| table_comment(&text)))
     }
 
     /// Loads `ruleset` into a throwaway network namespace (`unshare --net`)
@@ -184,14 +232,19 @@ impl Nft {
         };
         cmd.args(["--net", "--", "/bin/sh", "-c"])
             .arg(
-                r#"printf '%s' "$2" | "$0" -f /dev/stdin && "$0" -j list ruleset && echo "$3" &&
+                r#"printf '%s' "$2" | "$0" -f /dev/stdin &&
+                   { printf '%s' "$4" | "$0" -f /dev/stdin 2>/dev/null || true; } &&
+                   "$0" -j list ruleset && echo "$3" &&
                    "$0" -f /dev/stdin && "$0" -j list ruleset && echo "$3" &&
-                   exec "$0" list table inet "$1""#,
+                   "$0" list table inet "$1" && echo "$3" &&
+                   if "$0" list tables bridge | grep -qxF "table bridge $1"; then
+                       exec "$0" list table bridge "$1"; fi"#,
             )
             .arg(&self.program)
             .arg(table.as_str())
             .arg(SENTINEL_TABLES)
-            .arg(SCRATCH_SEPARATOR);
+            .arg(SCRATCH_SEPARATOR)
+            .arg(BRIDGE_SENTINEL);
         let out = run_with_timeout(cmd, Some(ruleset), self.timeout).map_err(|err| {
             anyhow::anyhow!(
                 "loading the ruleset in a scratch network namespace: {}",
@@ -199,13 +252,14 @@ impl Nft {
             )
         })?;
         let parts: Vec<&str> = out.split(SCRATCH_SEPARATOR).collect();
-        let [before, after, text] = parts[..] else {
+        let [before, after, text, bridge_text] = parts[..] else {
             anyhow::bail!("the scratch namespace printed an unexpected listing");
         };
         Ok(Scratch {
             before: Listing::parse(before)?,
             after: Listing::parse(after)?,
             comment: table_comment(text),
+            bridge_comment: table_comment(bridge_text),
         })
     }
 
@@ -266,6 +320,12 @@ pub fn canonical(mut json: Value) -> Value {
         match v {
             Value::Object(map) => {
                 map.remove("handle");
+                // A counter's figures move with traffic; only its presence
+                // is part of the ruleset.
+                if let Some(Value::Object(counter)) = map.get_mut("counter") {
+                    counter.remove("packets");
+                    counter.remove("bytes");
+                }
                 for value in map.values_mut() {
                     walk(value);
                 }
@@ -302,7 +362,14 @@ fn object_order(item: &Value) -> (u8, String, String) {
     let field = |key: &str| object.get(key).and_then(Value::as_str).unwrap_or_default();
     (
         rank,
-        field("table").to_string() + "/" + field(if rank == 4 { "chain" } else { "name" }),
+        // The family first: `inet t` and `bridge t` may hold chains of the
+        // same name.
+        format!(
+            "{}/{}/{}",
+            field("family"),
+            field("table"),
+            field(if rank == 4 { "chain" } else { "name" })
+        ),
         kind.clone(),
     )
 }

@@ -47,13 +47,20 @@ pub fn check_unit_path(path: &Path) -> anyhow::Result<&str> {
     Ok(text)
 }
 
-/// The fail-closed ruleset loaded at boot before our file: our table
+/// The fail-closed ruleset loaded at boot before our file: our inet table
 /// (marked, so the next apply replaces it) with one forward chain that
 /// keeps each known domain bridge's own traffic and drops forwarding
 /// between two known bridges, and between a known bridge and any bridge
 /// matching a wildcard. It is what stays live when the file is missing or
 /// `nft -f` refuses it, so the domains never boot unisolated. Names come
 /// from the last applied ruleset's sets, whose characters were checked.
+///
+/// It leaves `bridge <table>` (isolation inside a domain) alone: at boot
+/// there is none, and the file loads it in the same transaction as the inet
+/// table (its header replaces both); when the unit is restarted with a file
+/// that is refused, the bridge table last loaded (ours, stricter than none)
+/// stays. The fallback does not isolate machines inside a domain: that is
+/// the file's job, and the unit fails visibly when the file does not load.
 pub fn boot_fallback(
     table: &TableName,
     bridges: &BTreeSet<String>,
@@ -117,9 +124,10 @@ pub fn unit_text(
     }
     Ok(format!(
         "# Installed by firewall_router_apply (anklume-isolation). Loads table inet {table}\n\
-         # from {ruleset} at boot; the file replaces only that table. If it cannot be\n\
-         # loaded, the fail-closed fallback (no forwarding between domain bridges)\n\
-         # stays live and this unit fails: see `systemctl status` and the journal.\n\
+         # (and table bridge {table}, when the file has one) from {ruleset} at boot; the\n\
+         # file replaces only those tables. If it cannot be loaded, the fail-closed\n\
+         # fallback (no forwarding between domain bridges) stays live and this unit\n\
+         # fails: see `systemctl status` and the journal.\n\
          [Unit]\n\
          Description=anklume isolation ruleset (table inet {table})\n\
          DefaultDependencies=no\n\
