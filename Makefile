@@ -47,7 +47,7 @@ help:
 	@echo "make build           build the binary modules into library/"
 	@echo "make nftables        render the ruleset inside the anklume container (changes nothing on the host)"
 	@echo "make nftables-deploy pull the rendered file from the container, validate and apply it (CHECK=1: dry run)"
-	@echo "make matrix          print the lab's reachability matrix (real traffic)"
+	@echo "make matrix          the lab's reachability matrix (real traffic) beside the render's report; fails where they disagree"
 	@echo "make bench           render and apply benchmarks"
 	@echo "make bench-forwarding  forwarding rates through 1000 domains, side by side"
 	@echo "make lab-up | lab-down | lab-status"
@@ -87,13 +87,19 @@ nftables-deploy: build
 	ansible-playbook playbooks/nftables-deploy.yml $(CHECK_ARGS)
 site: build
 	ansible-playbook playbooks/site.yml $(CHECK_ARGS)
-matrix:
-	python3 lab/reach.py matrix
+# The real-traffic matrix beside the render's report for the same inputs as
+# the deployed ruleset (lab/report.yml, check mode); fails on any cell where
+# they disagree. Needs the lab up and the ruleset deployed (make demo).
+REPORT_FILE := /run/anklume-lab/reachability.json
+matrix: build
+	ansible-playbook lab/report.yml --check -e reach_report_file=$(REPORT_FILE) $(if $(FIREWALL_MODE),-e firewall_mode=$(FIREWALL_MODE)) \
+		>$(REPORT_FILE).log || { cat $(REPORT_FILE).log; exit 1; }
+	python3 lab/reach.py matrix --instances $(MATRIX_INSTANCES) --report $(REPORT_FILE)
 
 demo: lab-up build
 	$(if $(filter vm,$(FIREWALL_MODE)),lab/lab.sh firewall)
 	ansible-playbook playbooks/site.yml $(if $(FIREWALL_MODE),-e firewall_mode=$(FIREWALL_MODE))
-	python3 lab/reach.py matrix --instances $(MATRIX_INSTANCES)
+	$(MAKE) --no-print-directory matrix
 
 # --- tests ---------------------------------------------------------------------
 

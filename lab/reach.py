@@ -23,14 +23,23 @@ Outcome of a probe: "yes" (answered), "no" (no answer: dropped), or "closed"
 open but nothing listens). "closed" never satisfies an expectation: probe a
 port the lab serves.
 
-  reach.py matrix [--json]
-  reach.py check EXPECTATIONS.{json,yml}
+With --report (the render's `reachability`, see lab/report.yml), `matrix`
+and `check` also compare every probe with what the report says a new
+connection may open, and fail on any cell where they disagree. For that
+comparison "closed" counts as reached: the packet got through the firewall
+to the target, which refused it itself (the ruleset drops, it never
+rejects), so the path is open.
+
+  reach.py matrix [--json] [--instances a,b] [--report REPORT.json]
+  reach.py check EXPECTATIONS.{json,yml} [--report REPORT.json]
+  reach.py compare REPORT.json PROBES.json   (offline: PROBES from matrix --json)
   reach.py probe FROM TO PROTO[/PORT] [-4|-6]
   reach.py addrs
 """
 
 import argparse
 import concurrent.futures
+import hashlib
 import ipaddress
 import json
 import signal
@@ -253,6 +262,11 @@ class Probe:
         self.addr = None
         self.outcome = None
         self.detail = ""
+        # Filled by compare_report(): what the report says (True: may
+        # open, False: may not, None: not compared) and the cell it read.
+        self.report = None
+        self.report_cell = None
+        self.report_entries = None
 
     @property
     def service(self):
@@ -269,7 +283,20 @@ class Probe:
             d["port"] = self.port
         if self.expect is not None:
             d["expect"] = self.expect
+        if self.report_cell is not None:
+            d["report"] = {"opens": self.report, "cell": self.report_cell,
+                           "entries": self.report_entries}
         return d
+
+    @classmethod
+    def from_dict(cls, d):
+        """A probe saved by `matrix --json` (for the offline `compare`)."""
+        try:
+            p = cls(d["from"], d["to"], d["proto"], d.get("port"), d["family"], d.get("expect"))
+            p.addr, p.outcome, p.detail = d.get("address"), d["result"], d.get("detail", "")
+        except (KeyError, TypeError) as e:
+            raise LabError(f"saved probe {json.dumps(d, default=str)}: missing {e}") from None
+        return p
 
 
 def run_probes(lab, probes, workers, retries=1):
@@ -304,8 +331,178 @@ def run_probes(lab, probes, workers, retries=1):
         return list(ex.map(one, probes))
 
 
+# ------------------------------------------------------------------ report --
+# The render's `reachability` (src/plan/report.rs), per source domain:
+#   domains:  {<domain>: entries}   absent: nothing opens (own domain absent:
+#                                   the same bridge, everything)
+#   internet, gateway, host: entries
+#   machines: {<machine named as `from`>: {<machine or domain>: entries}}
+# entries: ["all"] or "icmp", "tcp/80", "udp/8000-8010", ...
+# "What a new connection from a machine of the row may open".
+REACHED = ("yes", "closed")
+
+
+def load_report(path):
+    """The reachability map from a JSON file: the map itself, the module's
+    result (`reachability` key), or lab/report.yml's file, whose `deployed`
+    and `sha256` say which deployed ruleset the report must be of."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise LabError(f"report {path}: {e}") from None
+    if isinstance(data, dict) and "reachability" in data:
+        check_deployed(data, path)
+        data = data["reachability"]
+    if not isinstance(data, dict) or not data:
+        raise LabError(f"report {path}: no reachability (more domains than the render "
+                       "reports on, or the router target?)")
+    return data
+
+
+def check_deployed(data, path):
+    """The report is only worth comparing if it was rendered from the same
+    inputs as the ruleset the host runs: same rendered text, same hash."""
+    dest, want = data.get("deployed"), data.get("sha256")
+    if not dest or not want:
+        return
+    try:
+        with open(dest, "rb") as f:
+            have = hashlib.sha256(f.read()).hexdigest()
+    except FileNotFoundError:
+        raise LabError(f"report {path}: no ruleset is deployed at {dest}: deploy it "
+                       "first (make demo), the report is of what the render would deploy") \
+            from None
+    except OSError as e:
+        raise LabError(f"report {path}: {dest}: {e}") from None
+    if have != want:
+        raise LabError(f"report {path}: rendered from other inputs than the ruleset "
+                       f"deployed at {dest} (sha256 {want[:12]} != {have[:12]}): render "
+                       "with the deploy's variables (FIREWALL_MODE, -e ...)")
+
+
+def bridge_domain(bridge):
+    return bridge[len(NET_PREFIX):] if bridge.startswith(NET_PREFIX) else bridge
+
+
+def target_kind(src_domain, dst, domain_of):
+    """(kind, domain) of a probe target: ("instance", its domain),
+    ("internet", None), ("gateway", own domain) or ("host", the domain of
+    the other bridge whose gateway address is probed)."""
+    if dst == "upstream":
+        return "internet", None
+    if dst.startswith("gw:"):
+        d = bridge_domain(dst[3:])
+        return ("gateway" if d == src_domain else "host"), d
+    return "instance", domain_of(dst)
+
+
+def report_entries(report, src, src_domain, dst, kind, dst_domain):
+    """(entries, cell) the report gives for a new connection from instance
+    src (of src_domain) to dst; entries None when the report has no row
+    for src_domain."""
+    row = report.get(src_domain)
+    if not isinstance(row, dict):
+        return None, f"no row for domain {src_domain!r}"
+    named = (row.get("machines") or {}).get(src) or {}
+    if kind == "internet":
+        return list(row.get("internet") or []), f"{src_domain}.internet"
+    if kind in ("gateway", "host"):
+        entries, cell = list(row.get(kind) or []), f"{src_domain}.{kind}"
+        # A policy naming the machine `to: host` adds to its domain's share.
+        if "host" in named:
+            entries += named["host"]
+            cell += f" + {src_domain}.machines.{src}.host"
+        return entries, cell
+    # The machine's own row first (its real address, so policies naming
+    # it count), the target machine before its domain.
+    for key in (dst, dst_domain):
+        if key in named:
+            return list(named[key]), f"{src_domain}.machines.{src}.{key}"
+    domains = row.get("domains") or {}
+    if dst_domain in domains:
+        return list(domains[dst_domain]), f"{src_domain}.domains.{dst_domain}"
+    if dst_domain == src_domain:
+        # Reports without the own-domain cell (before isolate_machines):
+        # the same bridge is open.
+        return ["all"], f"{src_domain}.domains.{src_domain} (absent: same bridge, all)"
+    return [], f"{src_domain}.domains.{dst_domain} (absent: nothing)"
+
+
+def entries_open(entries, proto, port):
+    """Whether report entries open proto/port (port None for icmp)."""
+    for e in entries:
+        if e == "all":
+            return True
+        if e == "icmp":
+            if proto == "icmp":
+                return True
+            continue
+        p, _, span = str(e).partition("/")
+        lo, _, hi = span.partition("-")
+        if p not in ("tcp", "udp") or not lo.isdigit() or not (hi or lo).isdigit():
+            raise LabError(f"report entry {e!r} is not all, icmp or <tcp|udp>/<port[-port]>")
+        if p == proto and port is not None and int(lo) <= port <= int(hi or lo):
+            return True
+    return False
+
+
+def observed(p):
+    """What the traffic says for the comparison: True (reached the target:
+    answered or refused by it), False (dropped), None (no verdict: the
+    probe failed, or someone else answered)."""
+    if p.outcome in REACHED and not p.detail.startswith(WRONG):
+        return True
+    if p.outcome == "no":
+        return False
+    return None
+
+
+def compare_report(report, probes, domain_of):
+    """Sets each probe's report verdict; returns (disagreeing probes, probes
+    that could not be compared). domain_of(instance) -> its domain."""
+    disagree, uncompared = [], []
+    for p in probes:
+        src_domain = domain_of(p.src)
+        kind, dst_domain = target_kind(src_domain, p.dst, domain_of)
+        entries, p.report_cell = report_entries(report, p.src, src_domain, p.dst, kind,
+                                                dst_domain)
+        p.report_entries = entries
+        p.report = None if entries is None else entries_open(entries, p.proto, p.port)
+        seen = observed(p)
+        if seen is None:
+            uncompared.append(p)
+        elif p.report is None or p.report != seen:
+            disagree.append(p)
+    return disagree, uncompared
+
+
+def traffic_word(p):
+    return "reached" if observed(p) else "dropped" if p.outcome == "no" else p.outcome
+
+
+def describe_disagreement(p):
+    said = "no row" if p.report is None else "may open" if p.report else "may not open"
+    return (f"DISAGREE {p.describe()}: traffic {traffic_word(p)} ({p.outcome}: {p.detail}), "
+            f"report {said} ({p.report_cell} = {json.dumps(p.report_entries)})")
+
+
+def print_report_verdict(disagree, uncompared, total):
+    for p in disagree:
+        print(describe_disagreement(p))
+    for p in uncompared:
+        print(f"UNCOMPARED {p.describe()}: {p.outcome} ({p.detail})")
+    agree = total - len(disagree) - len(uncompared)
+    print(f"report: {agree} agree, {len(disagree)} disagree, {len(uncompared)} not compared")
+    return 1 if disagree or uncompared else 0
+
+
 # ------------------------------------------------------------------ matrix --
 MATRIX_PROBES = [("icmp", None, 4), ("icmp", None, 6), ("tcp", 80, 4), ("tcp", 80, 6)]
+# Towards the host: its dnsmasq's tcp/53 (a connect), on the source's own
+# gateway and on another bridge's gateway address (the report's `host`).
+HOST_PROBES = [("icmp", None, 4), ("icmp", None, 6), ("tcp", 53, 4), ("tcp", 53, 6)]
+HOST_COLUMNS = ("gateway", "host")
 
 
 def summarize(cell):
@@ -332,6 +529,34 @@ def summarize(cell):
     return ",".join(f"{p[0]}{p[1]}" for p in sorted(ok))
 
 
+def cell_text(probes, disagree=()):
+    """A matrix cell: the traffic's summary, marked `!` when one of its
+    probes disagrees with the report."""
+    text = summarize({(p.proto, p.family): p.outcome for p in probes})
+    return text + "!" if any(p in disagree for p in probes) else text
+
+
+def report_text(probes):
+    """What the report's cell for these probes (same source and target)
+    opens: its entries, "none" for nothing, "?" for no row."""
+    entries = probes[0].report_entries
+    if entries is None:
+        return "?"
+    return ",".join(entries) or "none"
+
+
+def column_target(lab, src, column):
+    """The probe target of a matrix column for one source instance."""
+    if column not in HOST_COLUMNS:
+        return column
+    own = lab.instances[src].network
+    if column == "gateway":
+        return f"gw:{own}"
+    others = sorted({i.network for i in lab.instances.values()
+                     if i.network.startswith(NET_PREFIX) and i.network != own})
+    return f"gw:{others[0]}" if others else None
+
+
 def cmd_matrix(lab, args):
     names = sorted(lab.instances)
     if args.instances:
@@ -340,16 +565,23 @@ def cmd_matrix(lab, args):
         if unknown:
             raise LabError(f"unknown instances: {', '.join(unknown)}")
         names = [n for n in names if n in wanted]
+    report = load_report(args.report) if args.report else None
     sources = [n for n in names if lab.instances[n].busybox and lab.instances[n].running]
-    dests = [*names, "upstream"]
-    probes = [Probe(s, d, proto, port, fam)
-              for s in sources for d in dests if d != s
-              for proto, port, fam in MATRIX_PROBES]
-    run_probes(lab, probes, args.workers, args.retries)
-
+    columns = [*names, "upstream", *HOST_COLUMNS]
     cells = {}
-    for p in probes:
-        cells.setdefault((p.src, p.dst), {})[(p.proto, p.family)] = p.outcome
+    for s in sources:
+        for c in columns:
+            dst = column_target(lab, s, c)
+            if dst is None or dst == s:
+                continue
+            kinds = HOST_PROBES if c in HOST_COLUMNS else MATRIX_PROBES
+            cells[(s, c)] = [Probe(s, dst, proto, port, fam) for proto, port, fam in kinds]
+    probes = [p for cell in cells.values() for p in cell]
+    run_probes(lab, probes, args.workers, args.retries)
+    disagree, uncompared = [], []
+    if report is not None:
+        disagree, uncompared = compare_report(report, probes, lab.domain)
+
     if args.json:
         json.dump({
             "project": lab.project,
@@ -357,36 +589,66 @@ def cmd_matrix(lab, args):
                               "status": i.status, "ipv4": i.addrs[4], "ipv6": i.addrs[6]}
                           for n, i in lab.instances.items()},
             "upstream": {"ipv4": lab.upstream[4], "ipv6": lab.upstream[6]},
-            "matrix": {s: {d: summarize(cells[(s, d)]) for d in dests if d != s}
+            "matrix": {s: {c: cell_text(cells[(s, c)], disagree)
+                           for c in columns if (s, c) in cells}
                        for s in sources},
             "probes": [p.as_dict() for p in probes],
+            "disagreements": [describe_disagreement(p) for p in disagree],
         }, sys.stdout, indent=2)
         print()
-        return 0
+    else:
+        sub = [f"({lab.domain(c)})" if c not in HOST_COLUMNS else "(own)"
+               if c == "gateway" else "(other gw)" for c in columns]
+        rows = [[f"{s} ({lab.domain(s)})"] +
+                [cell_text(cells[(s, c)], disagree) if (s, c) in cells else "-"
+                 for c in columns] for s in sources]
+        print_table(columns, sub, rows)
+        print("cells: icmp and tcp/80 (gateway, host: tcp/53 connect), v4+v6 "
+              "('yes' = all four answered)")
+        if report is not None:
+            print("\nthe report (what a new connection from the row's domain may open):")
+            rows = [[f"{s} ({lab.domain(s)})"] +
+                    [report_text(cells[(s, c)]) if (s, c) in cells else "-"
+                     for c in columns] for s in sources]
+            print_table(columns, sub, rows)
+            print("'!' in the traffic matrix: a probe of the cell disagrees with the report "
+                  "(closed = reached)")
+            print_report_verdict(disagree, uncompared, len(probes))
+    errors = [p for p in probes if p.outcome == "error"]
+    for p in errors:
+        print(f"error: {p.describe()}: {p.detail}", file=sys.stderr)
+    return 1 if errors or disagree or uncompared else 0
 
-    head = [f"{d}" for d in dests]
-    sub = [f"({lab.domain(d)})" for d in dests]
-    rows = []
-    for s in sources:
-        rows.append([f"{s} ({lab.domain(s)})"] +
-                    ["-" if d == s else summarize(cells[(s, d)]) for d in dests])
+
+def print_table(head, sub, rows):
     first = max([len("from \\ to")] + [len(r[0]) for r in rows])
     widths = [max(len(head[i]), len(sub[i]), *(len(r[i + 1]) for r in rows))
-              for i in range(len(dests))]
+              for i in range(len(head))]
 
     def line(left, cells):
-        return left.ljust(first) + "  " + "  ".join(
-            c.ljust(w) for c, w in zip(cells, widths, strict=True))
+        return (left.ljust(first) + "  " + "  ".join(
+            c.ljust(w) for c, w in zip(cells, widths, strict=True))).rstrip()
 
     print(line("from \\ to", head))
     print(line("", sub))
     for r in rows:
         print(line(r[0], r[1:]))
-    print("cells: icmp v4+v6 and tcp/80 v4+v6 ('yes' = all four answered)")
-    errors = [p for p in probes if p.outcome == "error"]
-    for p in errors:
-        print(f"error: {p.describe()}: {p.detail}", file=sys.stderr)
-    return 1 if errors else 0
+
+
+def cmd_compare(args):
+    """Offline: a report against the probes a `matrix --json` run saved."""
+    report = load_report(args.report)
+    try:
+        with open(args.probes, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise LabError(f"probes {args.probes}: {e}") from None
+    domains = {n: i["domain"] for n, i in (saved.get("instances") or {}).items()}
+    probes = [Probe.from_dict(d) for d in saved.get("probes") or []]
+    if not probes:
+        raise LabError(f"probes {args.probes}: no probes (save them with matrix --json)")
+    disagree, uncompared = compare_report(report, probes, lambda n: domains.get(n, "?"))
+    return print_report_verdict(disagree, uncompared, len(probes))
 
 
 # ------------------------------------------------------------------- check --
@@ -448,6 +710,7 @@ def parse_expectation(i, e):
 
 def cmd_check(lab, args):
     raw = load_expectations(args.file)
+    report = load_report(args.report) if args.report else None
     probes = []
     for i, e in enumerate(raw):
         probes.extend(parse_expectation(i, e))
@@ -464,6 +727,10 @@ def cmd_check(lab, args):
         label = f"  # {p.label}" if p.label else ""
         print(f"{tag} {p.describe()}: {p.outcome} (expected {want}; {p.detail}){label}")
     print(f"{passed} passed, {failed} failed")
+    if report is not None:
+        disagree, uncompared = compare_report(report, probes, lab.domain)
+        if print_report_verdict(disagree, uncompared, len(probes)):
+            return 1
     return 1 if failed else 0
 
 
@@ -505,8 +772,14 @@ def main(argv=None):
     m = sub.add_parser("matrix", help="who reaches whom (icmp and tcp/80, v4 and v6)")
     m.add_argument("--json", action="store_true")
     m.add_argument("--instances", help="comma-separated subset of instances")
+    m.add_argument("--report", help="the render's reachability (JSON): flag every cell "
+                   "where it disagrees with the traffic")
     c = sub.add_parser("check", help="run probes from an expectations file")
     c.add_argument("file")
+    c.add_argument("--report", help="also compare every probe with this reachability report")
+    r = sub.add_parser("compare", help="a report against saved probes (matrix --json), no lab")
+    r.add_argument("report")
+    r.add_argument("probes")
     p = sub.add_parser("probe", help="one probe, e.g. probe pro-dev perso-desk tcp/80 -4")
     p.add_argument("src")
     p.add_argument("dst")
@@ -517,6 +790,8 @@ def main(argv=None):
     sub.add_parser("addrs", help="print the resolved addresses")
     args = ap.parse_args(argv)
     try:
+        if args.cmd == "compare":
+            return cmd_compare(args)
         lab = Lab(args.project)
         return {"matrix": cmd_matrix, "check": cmd_check, "probe": cmd_probe,
                 "addrs": cmd_addrs}[args.cmd](lab, args)
