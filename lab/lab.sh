@@ -855,7 +855,11 @@ cmd_down() {
   kill_pidfile "$UP_HTTPD_PIDFILE" httpd
   kill_pidfile "$UP_UDP_PIDFILE" socat
   if ns_exists; then log "deleting namespace $UP_NS"; ip netns del "$UP_NS" || fail=1; fi
-  if ip link show dev "$UP_VETH" >/dev/null 2>&1; then ip link del "$UP_VETH" || fail=1; fi
+  # Deleting the namespace deletes the veth's peer, and with it the veth,
+  # asynchronously: it may still be listed here and gone a moment later.
+  if ip link show dev "$UP_VETH" >/dev/null 2>&1; then
+    ip link del "$UP_VETH" 2>/dev/null || ! ip link show dev "$UP_VETH" >/dev/null 2>&1 || fail=1
+  fi
   rm -rf "$RUN_DIR/upstream-www"
   restore_forwarding "$keep_forwarding"
 
