@@ -186,6 +186,17 @@ fn cases() -> Vec<Case> {
             ]),
             ..Case::new("egress")
         },
+        // Internet per domain without logging: a closed domain is a plain
+        // `drop` in the egress map (no chain), restricted ones share one
+        // chain and the `egress_ports` set.
+        Case {
+            domains: json!({
+                "pro": {"internet": false},
+                "perso": {"egress": [{"protocol": "udp", "port": 53}, {"protocol": "tcp", "port": "443-444"}]},
+                "anklume": {"egress": [{"protocol": "tcp", "port": 443}]}
+            }),
+            ..Case::new("egress-unlogged")
+        },
         // Protected networks: overlapping entries aggregated (nft refuses
         // overlapping interval elements), both families, one opened by a
         // policy, with a restricted domain beside them.

@@ -4,7 +4,9 @@
 //! (and the golden tests send real packets through the rendered text to
 //! compare with this evaluator).
 
-use super::rules::{Action, Chain, Cond, Family, FibSel, IfSel, FORWARD_CHAIN, INPUT_CHAIN};
+use super::rules::{
+    Action, Chain, Cond, EgressTarget, Family, FibSel, IfSel, FORWARD_CHAIN, INPUT_CHAIN,
+};
 use super::{HostAddrExceptions, HostPlan, PortSet};
 use crate::model::Protocol;
 use std::net::IpAddr;
@@ -204,9 +206,12 @@ fn run(plan: &HostPlan, chains: &[Chain], name: &str, p: &Packet<'_>) -> Option<
                     Some(b) => run(plan, chains, &super::rules::protected_chain_name(b), p),
                 }
             }
-            Action::EgressVmap => match plan.egress.keys().find(|b| b.as_str() == p.iif) {
+            Action::EgressVmap => match plan.egress.iter().find(|(b, _)| b.as_str() == p.iif) {
                 None => None,
-                Some(b) => run(plan, chains, &super::rules::egress_chain_name(b), p),
+                Some((b, rules)) => match plan.egress_target(b, rules) {
+                    EgressTarget::Drop => Some(Verdict::Drop),
+                    EgressTarget::Chain(name) => run(plan, chains, &name, p),
+                },
             },
             Action::InboundVmap => match plan.inbound.keys().find(|b| b.as_str() == p.oif) {
                 None => None,
@@ -268,6 +273,10 @@ fn holds(plan: &HostPlan, c: &Cond, p: &Packet<'_>) -> bool {
             Some(IpAddr::V6(d)) => plan.protected_v6.iter().any(|n| n.contains(&d)),
             None => false,
         },
+        Cond::EgressPorts => plan
+            .egress
+            .iter()
+            .any(|(b, r)| b.as_str() == p.iif && p.l4.in_ports(&r.ports)),
     }
 }
 

@@ -6,10 +6,10 @@
 
 use crate::model::IfName;
 use crate::plan::rules::{
-    egress_chain_name, inbound_chain_name, pair_chain_name, protected_chain_name, Chain, DENY_LOG,
-    DOMAIN_BRIDGES, EGRESS, GATEWAY_SERVICES, HOST_DENY_LOG, HOST_OPEN, HOST_OPEN_V4, HOST_OPEN_V6,
-    HOST_SERVICES, HOST_SERVICES_V4, HOST_SERVICES_V6, INBOUND, LOG_BUDGET, PAIRS, PROTECTED_OPEN,
-    PROTECTED_V4, PROTECTED_V6,
+    inbound_chain_name, pair_chain_name, protected_chain_name, Chain, EgressTarget, DENY_LOG,
+    DOMAIN_BRIDGES, EGRESS, EGRESS_PORTS, GATEWAY_SERVICES, HOST_DENY_LOG, HOST_OPEN, HOST_OPEN_V4,
+    HOST_OPEN_V6, HOST_SERVICES, HOST_SERVICES_V4, HOST_SERVICES_V6, INBOUND, LOG_BUDGET, PAIRS,
+    PROTECTED_OPEN, PROTECTED_V4, PROTECTED_V6,
 };
 use crate::plan::{HostAddrExceptions, HostPlan, PairExceptions, PortSet};
 use anyhow::Context;
@@ -256,6 +256,21 @@ fn sets(plan: &HostPlan) -> Vec<SetView> {
                 .collect(),
         });
     }
+    if plan.has_egress_ports() {
+        let ports: BTreeMap<&IfName, PortSet> = plan
+            .egress
+            .iter()
+            .filter(|(_, rules)| !rules.ports.is_empty())
+            .map(|(b, rules)| (b, rules.ports.clone()))
+            .collect();
+        sets.push(SetView {
+            name: EGRESS_PORTS,
+            why: wrap("Restricted domains' egress ports (the domains option), by source bridge."),
+            type_: "ifname . inet_proto . inet_service".into(),
+            interval: true,
+            elements: port_elements(&ports, |b| quoted(b)),
+        });
+    }
     let host = &plan.host;
     if !host.open.is_empty() {
         sets.push(SetView {
@@ -319,14 +334,17 @@ fn maps(plan: &HostPlan) -> Vec<MapView> {
         maps.push(MapView {
             name: EGRESS,
             why: wrap(
-                "Domains whose internet is restricted -> the chain of what they may still send \
-                 outside the domains.",
+                "Domains whose internet is restricted -> drop (closed, not logged), or the chain \
+                 of what they may still send outside the domains.",
             ),
             type_: "ifname : verdict",
             elements: plan
                 .egress
-                .keys()
-                .map(|b| format!("{} : jump {}", quoted(b), egress_chain_name(b)))
+                .iter()
+                .map(|(b, rules)| match plan.egress_target(b, rules) {
+                    EgressTarget::Drop => format!("{} : drop", quoted(b)),
+                    EgressTarget::Chain(chain) => format!("{} : jump {chain}", quoted(b)),
+                })
                 .collect(),
         });
     }
