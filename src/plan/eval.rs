@@ -273,10 +273,9 @@ fn holds(plan: &HostPlan, c: &Cond, p: &Packet<'_>) -> bool {
             Some(IpAddr::V6(d)) => plan.protected_v6.iter().any(|n| n.contains(&d)),
             None => false,
         },
-        Cond::EgressPorts => plan
-            .egress
-            .iter()
-            .any(|(b, r)| b.as_str() == p.iif && p.l4.in_ports(&r.ports)),
+        Cond::EgressPorts => plan.egress.iter().any(|(b, r)| {
+            b.as_str() == p.iif && plan.in_egress_ports(r) && p.l4.in_ports(&r.ports)
+        }),
     }
 }
 

@@ -48,7 +48,7 @@ impl Capabilities {
 
 /// Ports of TCP and UDP. Spans are merged when the plan is built: nft
 /// refuses overlapping interval elements ("File exists").
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub struct PortSet(BTreeSet<(Protocol, PortSpan)>);
 
 impl PortSet {
@@ -347,6 +347,9 @@ pub struct HostPlan {
     /// Source bridge -> what it may send outside the domains, for domains
     /// whose internet is restricted; absent bridges are unrestricted.
     pub egress: BTreeMap<IfName, EgressRules>,
+    /// Egress port lists that several restricted domains share, sorted:
+    /// each is one chain they all jump to (see `rules::egress_target`).
+    pub egress_lists: Vec<PortSet>,
     pub gateway: GatewayServices,
     pub logging: Option<LogSettings>,
     pub conntrack: bool,
@@ -428,6 +431,7 @@ impl HostPlan {
             host: HostExceptions::default(),
             inbound: BTreeMap::new(),
             egress: BTreeMap::new(),
+            egress_lists: Vec::new(),
             protected_v4: ipnet::Ipv4Net::aggregate(
                 &input
                     .protected_networks
@@ -543,6 +547,7 @@ impl HostPlan {
                 e.ports.normalize();
             }
         }
+        plan.egress_lists = rules::shared_egress_lists(&plan.egress);
 
         if let Some(logging) = input.logging {
             let caps = input.capabilities;

@@ -6,6 +6,7 @@
 
 use super::{AddrExceptions, HostPlan, PairExceptions, PortSet};
 use crate::model::{IfName, PortSpan, Protocol};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 /// Named sets and maps of the table (each name written once).
@@ -70,13 +71,40 @@ pub fn egress_chain_name(from: &IfName) -> String {
     format!("egress/{from}")
 }
 
+/// The chain of an egress port list several restricted domains share.
+pub fn egress_list_chain_name(index: usize) -> String {
+    format!("egress-list/{index}")
+}
+
+/// How many restricted domains must share a port list for it to get its
+/// own chain (a handful of plain rules, loaded once) instead of one
+/// `egress_ports` element per domain and port: `nft -f` pays for every
+/// element, and 1000 domains on a few lists are thousands of elements.
+pub const SHARED_LIST_MIN: usize = 2;
+
+/// The port lists at least [`SHARED_LIST_MIN`] restricted domains share,
+/// sorted (the index names their chain).
+pub fn shared_egress_lists(egress: &BTreeMap<IfName, super::EgressRules>) -> Vec<super::PortSet> {
+    let mut uses: BTreeMap<&super::PortSet, usize> = BTreeMap::new();
+    for rules in egress.values() {
+        if !rules.ports.is_empty() {
+            *uses.entry(&rules.ports).or_default() += 1;
+        }
+    }
+    uses.into_iter()
+        .filter(|(_, n)| *n >= SHARED_LIST_MIN)
+        .map(|(ports, _)| ports.clone())
+        .collect()
+}
+
 /// Where the `egress` map sends a restricted domain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EgressTarget {
     /// Closed, no policy to a network, not logged: nothing to look at.
     Drop,
-    /// A chain: the shared [`RESTRICTED_CHAIN`], or the domain's own chain
-    /// of what its policies to networks open (which then goes there).
+    /// A chain: the chain of a shared port list, the shared
+    /// [`RESTRICTED_CHAIN`], or the domain's own chain of what its policies
+    /// to networks open (which then goes to one of the other two).
     Chain(String),
 }
 
@@ -269,12 +297,29 @@ impl HostPlan {
         if self.needs_restricted_chain() {
             chains.push(self.restricted_chain());
         }
+        for (index, ports) in self.egress_lists.iter().enumerate() {
+            let mut rules: Vec<Rule> = port_rules(ports, vec![]).collect();
+            rules.extend(self.egress_denied());
+            chains.push(Chain {
+                name: egress_list_chain_name(index),
+                hook: None,
+                why: Some(
+                    "An egress port list that several restricted domains share: its ports, the \
+                     rest dropped.",
+                ),
+                pair: None,
+                rules,
+            });
+        }
         for (from, rules) in &self.egress {
             if rules.nets.is_empty() {
                 continue;
             }
             let mut net = net_rules(&rules.nets, Cond::DaddrNet);
-            net.push(Rule::new(vec![], Action::Jump(RESTRICTED_CHAIN.into())));
+            net.push(match self.ports_target(rules) {
+                EgressTarget::Drop => Rule::new(vec![], Action::Drop),
+                EgressTarget::Chain(chain) => Rule::new(vec![], Action::Jump(chain)),
+            });
             chains.push(Chain {
                 name: egress_chain_name(from),
                 hook: None,
@@ -443,8 +488,19 @@ impl HostPlan {
     /// domain: 1000 of them took `nft -f` over its bar (144 ms); only a
     /// domain whose policies open networks has its own.
     pub fn egress_target(&self, bridge: &IfName, rules: &super::EgressRules) -> EgressTarget {
-        if !rules.nets.is_empty() {
+        if rules.nets.is_empty() {
+            self.ports_target(rules)
+        } else {
             EgressTarget::Chain(egress_chain_name(bridge))
+        }
+    }
+
+    /// Where a restricted domain's egress ports are checked: the chain of
+    /// its list when other domains share it, else the shared chain and the
+    /// `egress_ports` set (a closed domain: drop, or that chain to log).
+    fn ports_target(&self, rules: &super::EgressRules) -> EgressTarget {
+        if let Ok(index) = self.egress_lists.binary_search(&rules.ports) {
+            EgressTarget::Chain(egress_list_chain_name(index))
         } else if rules.ports.is_empty() && self.logging.is_none() {
             EgressTarget::Drop
         } else {
@@ -454,13 +510,29 @@ impl HostPlan {
 
     fn needs_restricted_chain(&self) -> bool {
         self.egress
-            .iter()
-            .any(|(b, r)| self.egress_target(b, r) != EgressTarget::Drop)
+            .values()
+            .any(|r| self.ports_target(r) == EgressTarget::Chain(RESTRICTED_CHAIN.into()))
     }
 
-    /// Whether `egress_ports` has elements (some restricted domain has ports).
+    /// Whether a restricted domain's ports are elements of `egress_ports`:
+    /// it has ports, and no other domain shares its list.
+    pub fn in_egress_ports(&self, rules: &super::EgressRules) -> bool {
+        !rules.ports.is_empty() && self.egress_lists.binary_search(&rules.ports).is_err()
+    }
+
+    /// Whether `egress_ports` has elements.
     pub fn has_egress_ports(&self) -> bool {
-        self.egress.values().any(|r| !r.ports.is_empty())
+        self.egress.values().any(|r| self.in_egress_ports(r))
+    }
+
+    /// The end of every egress chain: log (when logging) and drop.
+    fn egress_denied(&self) -> Vec<Rule> {
+        let mut rules = Vec::new();
+        if let Some(log) = self.log("DENY-EGRESS") {
+            rules.push(Rule::new(vec![], log));
+        }
+        rules.push(Rule::new(vec![], Action::Drop));
+        rules
     }
 
     fn outside_chain(&self) -> Chain {
@@ -492,7 +564,7 @@ impl HostPlan {
         if !self.egress.is_empty() {
             rules.push(Rule::new(vec![], Action::EgressVmap).why(
                 "Domains whose internet is restricted: one lookup on the source bridge drops a \
-                 closed one or sends it to the shared chain of egress ports; the others go on.",
+                 closed one or sends it to the chain of its port list; the others go on.",
             ));
         }
         rules.push(Rule::new(vec![], Action::Accept));
@@ -513,16 +585,14 @@ impl HostPlan {
         if self.has_egress_ports() {
             rules.push(Rule::new(vec![Cond::EgressPorts], Action::Accept));
         }
-        if let Some(log) = self.log("DENY-EGRESS") {
-            rules.push(Rule::new(vec![], log));
-        }
-        rules.push(Rule::new(vec![], Action::Drop));
+        rules.extend(self.egress_denied());
         Chain {
             name: RESTRICTED_CHAIN.into(),
             hook: None,
             why: Some(
-                "What restricted domains may send outside the domains: their egress ports, one \
-                 lookup keyed by source bridge (no chain per domain); the rest is dropped.",
+                "What restricted domains whose port list no other domain shares may send \
+                 outside the domains: their egress ports, one lookup keyed by source bridge (no \
+                 chain per domain); the rest is dropped.",
             ),
             pair: None,
             rules,

@@ -260,7 +260,7 @@ fn sets(plan: &HostPlan) -> Vec<SetView> {
         let ports: BTreeMap<&IfName, PortSet> = plan
             .egress
             .iter()
-            .filter(|(_, rules)| !rules.ports.is_empty())
+            .filter(|(_, rules)| plan.in_egress_ports(rules))
             .map(|(b, rules)| (b, rules.ports.clone()))
             .collect();
         sets.push(SetView {
