@@ -8,7 +8,7 @@ use super::rules::{
     Action, Chain, Cond, EgressTarget, Family, FibSel, IfSel, FORWARD_CHAIN, INPUT_CHAIN,
 };
 use super::{HostAddrExceptions, HostPlan, PortSet};
-use crate::model::Protocol;
+use crate::model::{PortSpan, Protocol};
 use std::net::IpAddr;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +32,13 @@ pub enum L4 {
 }
 
 impl L4 {
+    fn in_span(self, proto: Protocol, span: PortSpan) -> bool {
+        match (self, proto) {
+            (L4::Tcp(p), Protocol::Tcp) | (L4::Udp(p), Protocol::Udp) => span.contains(p),
+            _ => false,
+        }
+    }
+
     fn in_ports(self, set: &PortSet) -> bool {
         match self {
             L4::Tcp(p) => set.contains(Protocol::Tcp, p),
@@ -273,9 +280,9 @@ fn holds(plan: &HostPlan, c: &Cond, p: &Packet<'_>) -> bool {
             Some(IpAddr::V6(d)) => plan.protected_v6.iter().any(|n| n.contains(&d)),
             None => false,
         },
-        Cond::EgressPorts => plan.egress.iter().any(|(b, r)| {
-            b.as_str() == p.iif && plan.in_egress_ports(r) && p.l4.in_ports(&r.ports)
-        }),
+        Cond::EgressPorts { ranges } => plan
+            .egress_port_elements(*ranges)
+            .any(|(b, proto, span)| b.as_str() == p.iif && p.l4.in_span(proto, span)),
     }
 }
 

@@ -495,13 +495,11 @@ impl HostPlan {
                 }
             }
         }
+        // Domain -> bridge once: a search per domain is quadratic at 1000.
+        let bridge_of: BTreeMap<&Name, &IfName> =
+            plan.domains.iter().map(|(b, d)| (d, b)).collect();
         for (domain, internet) in &input.domain_settings.0 {
-            let Some(bridge) = plan
-                .domains
-                .iter()
-                .find(|(_, d)| *d == domain)
-                .map(|(b, _)| b.clone())
-            else {
+            let Some(bridge) = bridge_of.get(domain).map(|b| (*b).clone()) else {
                 bail!(
                     "domains.{domain}: not a known domain ({})",
                     plan.domains

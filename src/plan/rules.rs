@@ -15,6 +15,7 @@ pub const PAIRS: &str = "pairs";
 pub const INBOUND: &str = "inbound";
 pub const EGRESS: &str = "egress";
 pub const EGRESS_PORTS: &str = "egress_ports";
+pub const EGRESS_PORT_RANGES: &str = "egress_port_ranges";
 pub const PROTECTED_V4: &str = "protected_v4";
 pub const PROTECTED_V6: &str = "protected_v6";
 pub const PROTECTED_OPEN: &str = "protected_open";
@@ -196,8 +197,11 @@ pub enum Cond {
     /// `ip daddr @protected_v4`, `ip6 daddr @protected_v6`.
     DaddrProtected(Family),
     /// `iifname . meta l4proto . th dport @egress_ports`: the source
-    /// bridge's own egress ports.
-    EgressPorts,
+    /// bridge's own egress ports (single ports: a hash lookup), or with
+    /// `ranges` its port ranges in `@egress_port_ranges` (an interval set).
+    EgressPorts {
+        ranges: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -520,9 +524,26 @@ impl HostPlan {
         !rules.ports.is_empty() && self.egress_lists.binary_search(&rules.ports).is_err()
     }
 
-    /// Whether `egress_ports` has elements.
-    pub fn has_egress_ports(&self) -> bool {
-        self.egress.values().any(|r| self.in_egress_ports(r))
+    /// The elements of `egress_ports` (single ports) or, with `ranges`,
+    /// of `egress_port_ranges`.
+    pub fn egress_port_elements(
+        &self,
+        ranges: bool,
+    ) -> impl Iterator<Item = (&IfName, Protocol, PortSpan)> + '_ {
+        self.egress
+            .iter()
+            .filter(|(_, r)| self.in_egress_ports(r))
+            .flat_map(move |(b, r)| {
+                r.ports
+                    .iter()
+                    .filter(move |(_, s)| is_range(*s) == ranges)
+                    .map(move |(p, s)| (b, *p, *s))
+            })
+    }
+
+    /// Whether `egress_ports` (or `egress_port_ranges`) has elements.
+    pub fn has_egress_ports(&self, ranges: bool) -> bool {
+        self.egress_port_elements(ranges).next().is_some()
     }
 
     /// The end of every egress chain: log (when logging) and drop.
@@ -582,8 +603,15 @@ impl HostPlan {
 
     fn restricted_chain(&self) -> Chain {
         let mut rules = Vec::new();
-        if self.has_egress_ports() {
-            rules.push(Rule::new(vec![Cond::EgressPorts], Action::Accept));
+        // Single ports in a hash set (one hash lookup per packet, whatever
+        // the number of domains), ranges apart in an interval set.
+        for ranges in [false, true] {
+            if self.has_egress_ports(ranges) {
+                rules.push(Rule::new(
+                    vec![Cond::EgressPorts { ranges }],
+                    Action::Accept,
+                ));
+            }
         }
         rules.extend(self.egress_denied());
         Chain {
@@ -836,9 +864,21 @@ impl Cond {
             Cond::DaddrNet(net) => format!("{} daddr {net}", ip_of(&net.addr())),
             Cond::DaddrProtected(Family::V4) => format!("ip daddr @{PROTECTED_V4}"),
             Cond::DaddrProtected(Family::V6) => format!("ip6 daddr @{PROTECTED_V6}"),
-            Cond::EgressPorts => format!("iifname . meta l4proto . th dport @{EGRESS_PORTS}"),
+            Cond::EgressPorts { ranges } => format!(
+                "iifname . meta l4proto . th dport @{}",
+                if *ranges {
+                    EGRESS_PORT_RANGES
+                } else {
+                    EGRESS_PORTS
+                }
+            ),
         }
     }
+}
+
+/// A span of more than one port (an interval element).
+pub fn is_range(span: PortSpan) -> bool {
+    span.first() != span.last()
 }
 
 fn ip_of(a: &IpAddr) -> &'static str {

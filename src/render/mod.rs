@@ -7,9 +7,9 @@
 use crate::model::IfName;
 use crate::plan::rules::{
     inbound_chain_name, pair_chain_name, protected_chain_name, Chain, EgressTarget, DENY_LOG,
-    DOMAIN_BRIDGES, EGRESS, EGRESS_PORTS, GATEWAY_SERVICES, HOST_DENY_LOG, HOST_OPEN, HOST_OPEN_V4,
-    HOST_OPEN_V6, HOST_SERVICES, HOST_SERVICES_V4, HOST_SERVICES_V6, INBOUND, LOG_BUDGET, PAIRS,
-    PROTECTED_OPEN, PROTECTED_V4, PROTECTED_V6,
+    DOMAIN_BRIDGES, EGRESS, EGRESS_PORTS, EGRESS_PORT_RANGES, GATEWAY_SERVICES, HOST_DENY_LOG,
+    HOST_OPEN, HOST_OPEN_V4, HOST_OPEN_V6, HOST_SERVICES, HOST_SERVICES_V4, HOST_SERVICES_V6,
+    INBOUND, LOG_BUDGET, PAIRS, PROTECTED_OPEN, PROTECTED_V4, PROTECTED_V6,
 };
 use crate::plan::{HostAddrExceptions, HostPlan, PairExceptions, PortSet};
 use anyhow::Context;
@@ -256,20 +256,27 @@ fn sets(plan: &HostPlan) -> Vec<SetView> {
                 .collect(),
         });
     }
-    if plan.has_egress_ports() {
-        let ports: BTreeMap<&IfName, PortSet> = plan
-            .egress
-            .iter()
-            .filter(|(_, rules)| plan.in_egress_ports(rules))
-            .map(|(b, rules)| (b, rules.ports.clone()))
-            .collect();
-        sets.push(SetView {
-            name: EGRESS_PORTS,
-            why: wrap("Restricted domains' egress ports (the domains option), by source bridge."),
-            type_: "ifname . inet_proto . inet_service".into(),
-            interval: true,
-            elements: port_elements(&ports, |b| quoted(b)),
-        });
+    for (name, ranges, why) in [
+        (
+            EGRESS_PORTS,
+            false,
+            "Egress ports of restricted domains whose list no other domain shares (the domains \
+             option), by source bridge.",
+        ),
+        (EGRESS_PORT_RANGES, true, "The same for their port ranges."),
+    ] {
+        if plan.has_egress_ports(ranges) {
+            sets.push(SetView {
+                name,
+                why: wrap(why),
+                type_: "ifname . inet_proto . inet_service".into(),
+                interval: ranges,
+                elements: plan
+                    .egress_port_elements(ranges)
+                    .map(|(b, p, s)| format!("{} . {} . {s}", quoted(b), p.as_str()))
+                    .collect(),
+            });
+        }
     }
     let host = &plan.host;
     if !host.open.is_empty() {
