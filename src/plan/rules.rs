@@ -38,8 +38,9 @@ pub const PROTECTED_CHAIN: &str = "protected";
 /// Packets towards interfaces that are not domain bridges, when protected
 /// networks or restricted domains need more than one accept.
 pub const OUTSIDE_CHAIN: &str = "outside";
-/// The one chain every restricted domain without policies to networks
-/// shares: its ports are in `egress_ports`, keyed by bridge.
+/// The one chain every restricted domain whose port list no other domain
+/// shares goes to (and a closed one, to log): its ports are in
+/// `egress_ports` and `egress_port_ranges`, keyed by bridge.
 pub const RESTRICTED_CHAIN: &str = "egress_restricted";
 /// Before Incus's own chains (priority 0).
 pub const PRIORITY: i32 = -1;
@@ -114,6 +115,7 @@ pub fn inbound_chain_name(to: &IfName) -> String {
     format!("inbound/{to}")
 }
 
+/// The chain that logs and drops what a domain's bridge may not send.
 pub fn deny_chain_name(bridge: &IfName) -> String {
     format!("deny-{bridge}")
 }
