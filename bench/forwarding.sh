@@ -12,6 +12,8 @@
 #           net-d0's list allows the measured egress flow) and PROTECTED
 #           protected networks (default 100, IPv4 and IPv6): issue 9's
 #           "per-packet cost stays flat" row,
+#   domains the same egress settings without protected networks (which
+#           part of the edges costs what),
 #   bridge  one drop rule per bridge plus one accept rule per policy,
 #   pair    one drop rule per ordered bridge pair (PAIR_N bridges: at N=1000
 #           it would be a million rules) plus the same accept rules.
@@ -129,6 +131,8 @@ nets = [f"172.{16 + k // 2 // 200}.{k // 2 % 200}.0/24" if k % 2 == 0 else f"fd9
 edges = dict(args, output_path=f"{tmp}/edges.nft", protected_networks=nets,
              domains={f"d{i}": egress(i) for i in range(n)})
 json.dump(edges, open(f"{tmp}/edges-args.json", "w"))
+json.dump(dict(edges, output_path=f"{tmp}/domains.nft", protected_networks=[]),
+          open(f"{tmp}/domains-args.json", "w"))
 def linear(bridges, drops):
     out = [f"table inet {table} {{}}", f"delete table inet {table}", f"table inet {table} {{",
            "\tchain isolation {", "\t\ttype filter hook forward priority -1; policy accept;",
@@ -147,7 +151,7 @@ per_pair = [f'\t\tiifname "net-d{a}" oifname "net-d{b}" drop'
             for a in range(pair_n) for b in range(pair_n) if a != b]
 open(f"{tmp}/pair.nft", "w").write(linear(pair_n, per_pair))
 PY
-for args in args edges-args; do
+for args in args edges-args domains-args; do
   "$RENDER" "$TMP/$args.json" | grep -q '"failed":false' || { echo "render of $args failed" >&2; exit 1; }
 done
 
