@@ -5,7 +5,8 @@
 //! closed domain as a plain `drop` in the map, an unrestricted one) loaded
 //! in a router namespace, real TCP connections over IPv4 and IPv6 from one
 //! namespace per domain to an uplink namespace, each compared with the
-//! evaluator's verdict. Needs root (`ip netns add`), as `make test` is run.
+//! evaluator's verdict and with the revocation reader's verdict on the live
+//! listing (what the enforcer reads to cut flows). Needs root (`ip netns add`), as `make test` is run.
 //! Every namespace and process is this test's own and is removed.
 
 mod common;
@@ -16,6 +17,7 @@ use anklume_isolation::model::{
 use anklume_isolation::plan::eval::{CtState, Forwarded, Verdict, L4};
 use anklume_isolation::plan::{Capabilities, HostPlan, HostPlanInput};
 use anklume_isolation::render;
+use anklume_isolation::revoke::{Admission, Flow, Interfaces, TableVerdict};
 use common::{must, nft_load, sh};
 use serde_json::json;
 use std::net::IpAddr;
@@ -222,6 +224,22 @@ fn every_egress_target_gives_the_kernel_the_evaluators_verdict_over_ipv4_and_ipv
 
     nft_load(&lab.router, &text);
     let eval = plan.evaluator();
+    let listing: serde_json::Value =
+        serde_json::from_str(&must(&lab.router, "nft -j list table inet anklume_i9eg")).unwrap();
+    let admission = Admission::of(&listing, "anklume_i9eg").unwrap();
+    let mut interfaces = Interfaces::default();
+    for (d, n) in DOMAINS {
+        for net in [format!("10.97.{n}.1/24"), format!("fd97:{n}::1/64")] {
+            interfaces
+                .addresses
+                .push((format!("net-{d}"), net.parse().unwrap()));
+        }
+    }
+    for net in ["10.98.0.1/24", "fd98::1/64"] {
+        interfaces
+            .addresses
+            .push((UPLINK.to_string(), net.parse().unwrap()));
+    }
     let mut wrong = Vec::new();
     let (mut accepted, mut dropped) = (0, 0);
     for ((i, v6, port), connected) in lab.probe_all() {
@@ -251,15 +269,31 @@ fn every_egress_target_gives_the_kernel_the_evaluators_verdict_over_ipv4_and_ipv
         } else {
             dropped += 1;
         }
-        if want != connected {
+        let read = admission.verdict(
+            &Flow {
+                proto: 6,
+                src,
+                dst,
+                sport: Some(40000),
+                dport: Some(port),
+                nat: false,
+            },
+            &interfaces,
+        );
+        let read_want = if connected {
+            TableVerdict::Accept
+        } else {
+            TableVerdict::Drop
+        };
+        if want != connected || read != read_want {
             wrong.push(format!(
-                "{iif} v6={v6} tcp {port}: kernel {connected}, evaluator {want}"
+                "{iif} v6={v6} tcp {port}: kernel {connected}, evaluator {want}, reader {read:?}"
             ));
         }
     }
     assert!(
         wrong.is_empty(),
-        "kernel and evaluator disagree: {wrong:#?}"
+        "kernel, evaluator and revocation reader disagree: {wrong:#?}"
     );
     // Both verdicts were exercised: (a, b, d) 443-444 and d's 22 pass, c's
     // 22 and 8080 and f's everything; the rest is dropped.
