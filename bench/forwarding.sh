@@ -6,7 +6,14 @@
 #   none    only a stand-in for Incus's own NAT table (the masquerade every
 #           Incus bridge has, so conntrack runs): "the same host with no
 #           isolation ruleset", the baseline of the ratios,
-#   sets    our rendered ruleset (N domains, N policies),
+#   sets    our rendered ruleset (N domains, P policies),
+#   edges   the same plus every domain with egress settings (one in ten
+#           `internet: false`, the others one of EGRESS_LISTS port lists;
+#           net-d0's list allows the measured egress flow) and PROTECTED
+#           protected networks (default 100, IPv4 and IPv6): issue 9's
+#           "per-packet cost stays flat" row,
+#   domains the same egress settings without protected networks (which
+#           part of the edges costs what),
 #   bridge  one drop rule per bridge plus one accept rule per policy,
 #   pair    one drop rule per ordered bridge pair (PAIR_N bridges: at N=1000
 #           it would be a million rules) plus the same accept rules.
@@ -22,21 +29,26 @@
 # net-d0 -> net-d1 gets the benchmark's policy on top of a generated one.
 #
 # Everything lives in four namespaces created here (ankb-a, ankb-b, ankb-c,
-# ankb-r) and is removed on exit; traffic stays between them. Root is needed.
+# ankb-r; NS_PREFIX changes "ankb") and is removed on exit; traffic stays
+# between them. Root is needed.
 #
 #   bench/forwarding.sh            (or: make bench-forwarding)
 #   N=1000 P=10000 PAIR_N=300 SECS=3 ROUNDS=3 bench/forwarding.sh
 #   VARIANTS="none sets" SECS=1 ROUNDS=1 bench/forwarding.sh    (a quick look)
+#   VARIANTS="none sets edges" bench/forwarding.sh             (issue 9's row)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 N=${N:-1000}
 P=${P:-$((N * 10))}
 PAIR_N=${PAIR_N:-300}
+PROTECTED=${PROTECTED:-100}
+EGRESS_LISTS=${EGRESS_LISTS:-10}
 SECS=${SECS:-3}
 ROUNDS=${ROUNDS:-3}
-read -r -a variants <<<"${VARIANTS:-bare none sets bridge pair}"
-NS_A=ankb-a NS_B=ankb-b NS_C=ankb-c NS_R=ankb-r
+read -r -a variants <<<"${VARIANTS:-bare none sets edges bridge pair}"
+NS=${NS_PREFIX:-ankb}
+NS_A=$NS-a NS_B=$NS-b NS_C=$NS-c NS_R=$NS-r
 TABLE=anklume_bench
 TMP=$(mktemp -d)
 PIDS=()
@@ -81,9 +93,10 @@ ip -n "$NS_B" route add default via 10.201.0.1
 r sysctl -qw net.ipv4.ip_forward=1
 
 # --- rulesets -----------------------------------------------------------------
-python3 - "$N" "$P" "$PAIR_N" "$TMP" "$TABLE" <<'PY'
+python3 - "$N" "$P" "$PAIR_N" "$TMP" "$TABLE" "$PROTECTED" "$EGRESS_LISTS" <<'PY'
 import json, sys
 n, p, pair_n, tmp, table = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+protected, lists = int(sys.argv[6]), int(sys.argv[7])
 # Policy i goes from d(i % n) to another domain chosen so that pairs differ;
 # two ports each, half TCP half UDP, plus the benchmark's own d0 -> d1 policy.
 policies = []
@@ -98,9 +111,28 @@ policies.append({"description": "the measured flow", "from": "d0", "to": "d1",
                  "protocol": "tcp", "ports": [5201]})
 policies.append({"description": "the measured flow", "from": "d0", "to": "d1",
                  "protocol": "udp", "ports": [5202]})
-json.dump({"bridges": [f"net-d{i}" for i in range(n)], "policies": policies,
-           "table": table, "output_path": f"{tmp}/sets.nft", "validate": "never"},
-          open(f"{tmp}/args.json", "w"))
+args = {"bridges": [f"net-d{i}" for i in range(n)], "policies": policies,
+        "table": table, "output_path": f"{tmp}/sets.nft", "validate": "never"}
+json.dump(args, open(f"{tmp}/args.json", "w"))
+# Egress settings for every domain: one in ten has no internet, the others
+# one of `lists` port lists (DNS, HTTPS and one port of their own list);
+# net-d0's list holds the measured flow's ports. Protected networks: private
+# ranges that no flow here uses (the uplink is 10.201.0.0/24), IPv4 and IPv6.
+def egress(i):
+    if i == 0:
+        return {"egress": [{"protocol": "udp", "port": 53}, {"protocol": "tcp", "port": 443},
+                           {"protocol": "tcp", "port": 5201}, {"protocol": "udp", "port": 5202}]}
+    if i % 10 == 0:
+        return {"internet": False}
+    return {"egress": [{"protocol": "udp", "port": 53}, {"protocol": "tcp", "port": 443},
+                       {"protocol": "tcp", "port": 8000 + i % lists}]}
+nets = [f"172.{16 + k // 2 // 200}.{k // 2 % 200}.0/24" if k % 2 == 0 else f"fd99:{k:x}::/64"
+        for k in range(protected)]
+edges = dict(args, output_path=f"{tmp}/edges.nft", protected_networks=nets,
+             domains={f"d{i}": egress(i) for i in range(n)})
+json.dump(edges, open(f"{tmp}/edges-args.json", "w"))
+json.dump(dict(edges, output_path=f"{tmp}/domains.nft", protected_networks=[]),
+          open(f"{tmp}/domains-args.json", "w"))
 def linear(bridges, drops):
     out = [f"table inet {table} {{}}", f"delete table inet {table}", f"table inet {table} {{",
            "\tchain isolation {", "\t\ttype filter hook forward priority -1; policy accept;",
@@ -119,7 +151,9 @@ per_pair = [f'\t\tiifname "net-d{a}" oifname "net-d{b}" drop'
             for a in range(pair_n) for b in range(pair_n) if a != b]
 open(f"{tmp}/pair.nft", "w").write(linear(pair_n, per_pair))
 PY
-"$RENDER" "$TMP/args.json" | grep -q '"failed":false' || { echo "render failed" >&2; exit 1; }
+for args in args edges-args domains-args; do
+  "$RENDER" "$TMP/$args.json" | grep -q '"failed":false' || { echo "render of $args failed" >&2; exit 1; }
+done
 
 # What Incus puts on every managed bridge with ipv4.nat: a masquerade in
 # postrouting, hence conntrack for all forwarded traffic.
@@ -195,4 +229,19 @@ for v in "${variants[@]}"; do
   done
   printf '%-8s %8s%s\n' "$v" "$l" "$out"
 done
-echo "(medians of $ROUNDS rounds of ${SECS}s; x = ratio against 'none' (Incus NAT only); $N bridges and $P policies, pair design at $PAIR_N bridges)"
+# The machine's load drifts between rounds: each round's ratio against the
+# `none` of the same round (measured seconds apart) says more than the
+# ratio of medians above.
+raw() { printf '%s' "${results[$1]}" | awk -v c="$2" '{print $c}'; }
+paired() { paste <(raw "$1" "$2") <(raw none "$2") | awk '{printf "%.2f\n", ($2 > 0 ? $1 / $2 : 0)}'; }
+printf '\nper-round ratios against the same round'"'"'s none (median in brackets)\n'
+printf '%-8s | %-22s | %-22s | %-22s | %-22s\n' design "egress conn" "egress pps" "policy conn" "policy pps"
+for v in "${variants[@]}"; do
+  [[ $v == none ]] && continue
+  out=""
+  for c in 2 3 4 5; do
+    out+=$(printf ' | %-22s' "$(paired "$v" "$c" | paste -sd' ') [$(paired "$v" "$c" | median)]")
+  done
+  printf '%-8s%s\n' "$v" "$out"
+done
+echo "(medians of $ROUNDS rounds of ${SECS}s; x = ratio against 'none' (Incus NAT only); $N bridges and $P policies, pair design at $PAIR_N bridges; edges: $PROTECTED protected networks, every domain with egress settings)"

@@ -6,7 +6,9 @@
 //!   namespace (bar for `nft -f`: < 100 ms), next to the same domains written
 //!   as one rule per bridge pair, the design the sets replace;
 //! - the render module end to end (args, plan, render, `nft -c`, write) with
-//!   an explicit 1000-bridge list (bar: < 250 ms).
+//!   an explicit 1000-bridge list (bar: < 250 ms);
+//! - the same three with issue 9's domain edges: every domain with egress
+//!   settings and 100 (then 200) protected networks.
 //!
 //! Run with `make bench` (root: namespaces). Nothing outside the throwaway
 //! namespaces and a temporary directory is touched.
@@ -59,31 +61,53 @@ fn render_ruleset(bridges: &[DomainBridge], specs: &[PolicySpec]) -> String {
     render_with_edges(bridges, specs, &DomainSettings::default(), &[])
 }
 
-/// Every domain with egress settings (alternately closed and two ports) and
-/// 100 protected networks in each family.
-fn edges() -> (DomainSettings, Vec<ipnet::IpNet>) {
+/// Issue 9's bench inputs: every domain with egress settings (one in ten
+/// `internet: false`, the others DNS, HTTPS and one of ten ports, and every
+/// fifth of them one port of its own, so lists differ; with `unique`, every
+/// list differs) and `protected` protected networks, half IPv4 and half
+/// IPv6.
+struct Edges {
+    raw_domains: serde_json::Value,
+    raw_protected: Vec<String>,
+    settings: DomainSettings,
+    protected: Vec<ipnet::IpNet>,
+}
+
+fn edges(protected: usize, unique: bool) -> Edges {
     let raw: std::collections::BTreeMap<String, serde_json::Value> = (0..DOMAINS)
         .map(|i| {
-            let v = if i % 2 == 0 {
+            let v = if i % 10 == 0 {
                 json!({"internet": false})
             } else {
-                json!({"egress": [{"protocol": "tcp", "port": 443}, {"protocol": "udp", "port": 1000 + i}]})
+                let mut ports = vec![
+                    json!({"protocol": "udp", "port": 53}),
+                    json!({"protocol": "tcp", "port": 443}),
+                    json!({"protocol": "tcp", "port": 8000 + i % 10}),
+                ];
+                if unique || i % 5 == 0 {
+                    ports.push(json!({"protocol": "udp", "port": 10000 + i}));
+                }
+                json!({ "egress": ports })
             };
             (format!("d{i}"), v)
         })
         .collect();
-    let protected: Vec<String> = (0..100)
-        .flat_map(|i| {
-            [
-                format!("172.{}.{}.0/24", 16 + i / 50, i % 50 * 2),
-                format!("fd99:{i:x}::/64"),
-            ]
+    let raw_protected: Vec<String> = (0..protected)
+        .map(|k| {
+            let i = k / 2;
+            if k % 2 == 0 {
+                format!("172.{}.{}.0/24", 16 + i / 200, i % 200)
+            } else {
+                format!("fd99:{i:x}::/64")
+            }
         })
         .collect();
-    (
-        DomainSettings::parse(&raw).unwrap(),
-        parse_protected_networks(&protected).unwrap(),
-    )
+    Edges {
+        raw_domains: json!(raw),
+        settings: DomainSettings::parse(&raw).unwrap(),
+        protected: parse_protected_networks(&raw_protected).unwrap(),
+        raw_protected,
+    }
 }
 
 fn render_with_edges(
@@ -163,26 +187,42 @@ fn main() {
         text.lines().count()
     );
 
-    let (settings, protected) = edges();
-    let edges_time = time(30, || {
-        render_with_edges(&bridges, &specs, &settings, &protected)
-    });
-    let edges_text = render_with_edges(&bridges, &specs, &settings, &protected);
-    println!(
-        "plan+render {DOMAINS} domains with egress settings, 200 protected networks, {POLICIES} \
-         policies: median {:.2} ms ({} lines)",
-        edges_time.as_secs_f64() * 1e3,
-        edges_text.lines().count()
-    );
-
     let dir = tempfile::tempdir().unwrap();
-    let edges_path = dir.path().join("edges.nft");
-    std::fs::write(&edges_path, &edges_text).unwrap();
-    let edges_load = median((0..5).map(|_| nft_in_netns(None, &edges_path)).collect());
-    println!(
-        "nft -f of the domain-edges ruleset (fresh netns, with unshare): median {:.1} ms",
-        edges_load.as_secs_f64() * 1e3
-    );
+    // Issue 9's row first (no policies), then with the 1000 policies.
+    for (protected, unique, specs) in [
+        (100, false, &specs[..0]),
+        (100, false, &specs[..]),
+        (200, false, &specs[..]),
+        (100, true, &specs[..]),
+    ] {
+        let n_policies = specs.len();
+        let e = edges(protected, unique);
+        let lists = if unique {
+            "a port list of its own"
+        } else {
+            "egress settings"
+        };
+        let edges_time = time(30, || {
+            render_with_edges(&bridges, specs, &e.settings, &e.protected)
+        });
+        let edges_text = render_with_edges(&bridges, specs, &e.settings, &e.protected);
+        println!(
+            "plan+render {DOMAINS} domains each with {lists}, {protected} protected networks, \
+             {n_policies} policies: median {:.2} ms ({} bytes, {} lines)",
+            edges_time.as_secs_f64() * 1e3,
+            edges_text.len(),
+            edges_text.lines().count()
+        );
+        let edges_path = dir
+            .path()
+            .join(format!("edges{protected}-{unique}-{n_policies}.nft"));
+        std::fs::write(&edges_path, &edges_text).unwrap();
+        let edges_load = time(9, || nft_in_netns(None, &edges_path));
+        println!(
+            "nft -f of that ruleset (fresh netns, with unshare): median {:.1} ms",
+            edges_load.as_secs_f64() * 1e3
+        );
+    }
     let sets = dir.path().join("sets.nft");
     std::fs::write(&sets, &text).unwrap();
     let unshare_alone = time(9, || {
@@ -227,29 +267,39 @@ fn main() {
     let module = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("target/release/incus_nftables_render");
     if module.exists() {
-        let args = dir.path().join("args.json");
         let out = dir.path().join("out.nft");
-        std::fs::write(
-            &args,
-            json!({"bridges": names, "policies": policies(), "table": "anklume_bench",
-                   "output_path": out, "validate": "always"})
-            .to_string(),
-        )
-        .unwrap();
-        let e2e = time(9, || {
-            let _ = std::fs::remove_file(&out);
-            let output = Command::new("unshare")
-                .args(["--net", "--"])
-                .arg(&module)
-                .arg(&args)
-                .output()
-                .unwrap();
-            assert!(String::from_utf8_lossy(&output.stdout).contains("\"failed\":false"));
-        });
-        println!(
-            "incus_nftables_render end to end ({DOMAINS} bridges, {POLICIES} policies, nft -c, write): median {:.1} ms",
-            e2e.as_secs_f64() * 1e3
-        );
+        let plain = json!({"bridges": names, "policies": policies(), "table": "anklume_bench",
+                           "output_path": out, "validate": "always"});
+        let e = edges(100, false);
+        let mut with_edges = plain.clone();
+        with_edges["domains"] = e.raw_domains;
+        with_edges["protected_networks"] = json!(e.raw_protected);
+        for (label, args_json) in [
+            ("", plain),
+            (
+                ", every domain with egress settings, 100 protected networks",
+                with_edges,
+            ),
+        ] {
+            let args = dir.path().join("args.json");
+            std::fs::write(&args, args_json.to_string()).unwrap();
+            let e2e = time(9, || {
+                let _ = std::fs::remove_file(&out);
+                let output = Command::new("unshare")
+                    .args(["--net", "--"])
+                    .arg(&module)
+                    .arg(&args)
+                    .output()
+                    .unwrap();
+                let stdout = String::from_utf8_lossy(&output.stdout);
+                assert!(stdout.contains("\"failed\":false"), "{stdout}");
+            });
+            println!(
+                "incus_nftables_render end to end ({DOMAINS} bridges, {POLICIES} policies{label}, \
+                 nft -c, write): median {:.1} ms",
+                e2e.as_secs_f64() * 1e3
+            );
+        }
     } else {
         println!("(build target/release/incus_nftables_render for the end-to-end figure: cargo build --release)");
     }

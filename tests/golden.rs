@@ -208,6 +208,25 @@ fn cases() -> Vec<Case> {
             ]),
             ..Case::new("egress")
         },
+        // Internet per domain without logging: a closed domain is a plain
+        // `drop` in the egress map (no chain); two domains sharing a port
+        // list jump to that list's chain, one with a list of its own is an
+        // element of `egress_ports` (its chain shared too), and one with a
+        // policy to a network has its chain, which goes on to its list's.
+        Case {
+            bridges: &["net-anklume", "net-pro", "net-perso", "net-lab", "net-dmz"],
+            domains: json!({
+                "pro": {"internet": false},
+                "perso": {"egress": [{"protocol": "udp", "port": 53}, {"protocol": "tcp", "port": "443-444"}]},
+                "lab": {"egress": [{"protocol": "tcp", "port": "443-444"}, {"protocol": "udp", "port": 53}]},
+                "dmz": {"egress": [{"protocol": "udp", "port": 53}, {"protocol": "tcp", "port": "443-444"}]},
+                "anklume": {"egress": [{"protocol": "tcp", "port": 443}]}
+            }),
+            policies: json!([
+                {"from": "dmz", "to": "192.0.2.0/24", "ports": [22]}
+            ]),
+            ..Case::new("egress-unlogged")
+        },
         // Protected networks: overlapping entries aggregated (nft refuses
         // overlapping interval elements), both families, one opened by a
         // policy, with a restricted domain beside them.

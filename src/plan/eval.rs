@@ -5,9 +5,11 @@
 //! compare with this evaluator).
 
 use super::machines::{BCond, MachineFlows, Way, BRIDGE_CHAIN};
-use super::rules::{Action, Chain, Cond, Family, FibSel, IfSel, FORWARD_CHAIN, INPUT_CHAIN};
+use super::rules::{
+    Action, Chain, Cond, EgressTarget, Family, FibSel, IfSel, FORWARD_CHAIN, INPUT_CHAIN,
+};
 use super::{HostAddrExceptions, HostPlan, PortSet};
-use crate::model::{MacAddr, Protocol};
+use crate::model::{MacAddr, PortSpan, Protocol};
 use std::net::IpAddr;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +33,13 @@ pub enum L4 {
 }
 
 impl L4 {
+    fn in_span(self, proto: Protocol, span: PortSpan) -> bool {
+        match (self, proto) {
+            (L4::Tcp(p), Protocol::Tcp) | (L4::Udp(p), Protocol::Udp) => span.contains(p),
+            _ => false,
+        }
+    }
+
     fn in_ports(self, set: &PortSet) -> bool {
         match self {
             L4::Tcp(p) => set.contains(Protocol::Tcp, p),
@@ -281,9 +290,12 @@ fn run(plan: &HostPlan, chains: &[Chain], name: &str, p: &Packet<'_>) -> Option<
                     Some(b) => run(plan, chains, &super::rules::protected_chain_name(b), p),
                 }
             }
-            Action::EgressVmap => match plan.egress.keys().find(|b| b.as_str() == p.iif) {
+            Action::EgressVmap => match plan.egress.iter().find(|(b, _)| b.as_str() == p.iif) {
                 None => None,
-                Some(b) => run(plan, chains, &super::rules::egress_chain_name(b), p),
+                Some((b, rules)) => match plan.egress_target(b, rules) {
+                    EgressTarget::Drop => Some(Verdict::Drop),
+                    EgressTarget::Chain(name) => run(plan, chains, &name, p),
+                },
             },
             Action::InboundVmap => match plan.inbound.keys().find(|b| b.as_str() == p.oif) {
                 None => None,
@@ -363,6 +375,9 @@ fn holds(plan: &HostPlan, c: &Cond, p: &Packet<'_>) -> bool {
             Some(IpAddr::V6(d)) => plan.protected_v6.iter().any(|n| n.contains(&d)),
             None => false,
         },
+        Cond::EgressPorts { ranges } => plan
+            .egress_port_elements(*ranges)
+            .any(|(b, proto, span)| b.as_str() == p.iif && p.l4.in_span(proto, span)),
     }
 }
 

@@ -49,7 +49,7 @@ impl Capabilities {
 
 /// Ports of TCP and UDP. Spans are merged when the plan is built: nft
 /// refuses overlapping interval elements ("File exists").
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub struct PortSet(BTreeSet<(Protocol, PortSpan)>);
 
 impl PortSet {
@@ -348,6 +348,9 @@ pub struct HostPlan {
     /// Source bridge -> what it may send outside the domains, for domains
     /// whose internet is restricted; absent bridges are unrestricted.
     pub egress: BTreeMap<IfName, EgressRules>,
+    /// Egress port lists that several restricted domains share, sorted:
+    /// each is one chain they all jump to (see `rules::egress_target`).
+    pub egress_lists: Vec<PortSet>,
     pub gateway: GatewayServices,
     pub logging: Option<LogSettings>,
     pub conntrack: bool,
@@ -431,6 +434,7 @@ impl HostPlan {
             host: HostExceptions::default(),
             inbound: BTreeMap::new(),
             egress: BTreeMap::new(),
+            egress_lists: Vec::new(),
             protected_v4: ipnet::Ipv4Net::aggregate(
                 &input
                     .protected_networks
@@ -495,13 +499,11 @@ impl HostPlan {
                 }
             }
         }
+        // Domain -> bridge once: a search per domain is quadratic at 1000.
+        let bridge_of: BTreeMap<&Name, &IfName> =
+            plan.domains.iter().map(|(b, d)| (d, b)).collect();
         for (domain, internet) in &input.domain_settings.0 {
-            let Some(bridge) = plan
-                .domains
-                .iter()
-                .find(|(_, d)| *d == domain)
-                .map(|(b, _)| b.clone())
-            else {
+            let Some(bridge) = bridge_of.get(domain).map(|b| (*b).clone()) else {
                 bail!(
                     "domains.{domain}: not a known domain ({})",
                     plan.domains
@@ -571,6 +573,7 @@ impl HostPlan {
                 e.ports.normalize();
             }
         }
+        plan.egress_lists = rules::shared_egress_lists(&plan.egress);
 
         if let Some(logging) = input.logging {
             let caps = input.capabilities;

@@ -6,6 +6,7 @@
 
 use super::{AddrExceptions, HostPlan, PairExceptions, PortSet};
 use crate::model::{IfName, PortSpan, Protocol};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 /// Named sets and maps of the table (each name written once).
@@ -13,6 +14,8 @@ pub const DOMAIN_BRIDGES: &str = "domain_bridges";
 pub const PAIRS: &str = "pairs";
 pub const INBOUND: &str = "inbound";
 pub const EGRESS: &str = "egress";
+pub const EGRESS_PORTS: &str = "egress_ports";
+pub const EGRESS_PORT_RANGES: &str = "egress_port_ranges";
 pub const PROTECTED_V4: &str = "protected_v4";
 pub const PROTECTED_V6: &str = "protected_v6";
 pub const PROTECTED_OPEN: &str = "protected_open";
@@ -37,6 +40,13 @@ pub const FORWARD_CHAIN: &str = "isolation";
 pub const INPUT_CHAIN: &str = "host_input";
 pub const INVALID_CHAIN: &str = "invalid";
 pub const PROTECTED_CHAIN: &str = "protected";
+/// Packets towards interfaces that are not domain bridges, when protected
+/// networks or restricted domains need more than one accept.
+pub const OUTSIDE_CHAIN: &str = "outside";
+/// The one chain every restricted domain whose port list no other domain
+/// shares goes to (and a closed one, to log): its ports are in
+/// `egress_ports` and `egress_port_ranges`, keyed by bridge.
+pub const RESTRICTED_CHAIN: &str = "egress_restricted";
 /// Before Incus's own chains (priority 0).
 pub const PRIORITY: i32 = -1;
 
@@ -62,17 +72,55 @@ pub fn protected_chain_name(from: &IfName) -> String {
     format!("protected/{from}")
 }
 
-/// The chain of what a domain with restricted internet may send outside.
+/// The chain of what policies from a domain with restricted internet open
+/// towards networks outside.
 pub fn egress_chain_name(from: &IfName) -> String {
     format!("egress/{from}")
 }
 
-/// The chain that logs and drops what a domain's bridge may not send.
+/// The chain of an egress port list several restricted domains share.
+pub fn egress_list_chain_name(index: usize) -> String {
+    format!("egress-list/{index}")
+}
+
+/// How many restricted domains must share a port list for it to get its
+/// own chain (a handful of plain rules, loaded once) instead of one
+/// `egress_ports` element per domain and port: `nft -f` pays for every
+/// element, and 1000 domains on a few lists are thousands of elements.
+pub const SHARED_LIST_MIN: usize = 2;
+
+/// The port lists at least [`SHARED_LIST_MIN`] restricted domains share,
+/// sorted (the index names their chain).
+pub fn shared_egress_lists(egress: &BTreeMap<IfName, super::EgressRules>) -> Vec<super::PortSet> {
+    let mut uses: BTreeMap<&super::PortSet, usize> = BTreeMap::new();
+    for rules in egress.values() {
+        if !rules.ports.is_empty() {
+            *uses.entry(&rules.ports).or_default() += 1;
+        }
+    }
+    uses.into_iter()
+        .filter(|(_, n)| *n >= SHARED_LIST_MIN)
+        .map(|(ports, _)| ports.clone())
+        .collect()
+}
+
+/// Where the `egress` map sends a restricted domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EgressTarget {
+    /// Closed, no policy to a network, not logged: nothing to look at.
+    Drop,
+    /// A chain: the chain of a shared port list, the shared
+    /// [`RESTRICTED_CHAIN`], or the domain's own chain of what its policies
+    /// to networks open (which then goes to one of the other two).
+    Chain(String),
+}
+
 /// The chain of what policies open from networks outside into a bridge.
 pub fn inbound_chain_name(to: &IfName) -> String {
     format!("inbound/{to}")
 }
 
+/// The chain that logs and drops what a domain's bridge may not send.
 pub fn deny_chain_name(bridge: &IfName) -> String {
     format!("deny-{bridge}")
 }
@@ -161,6 +209,12 @@ pub enum Cond {
     /// `ether daddr != @machine_macs`: not addressed to a known machine,
     /// so routed by the host (its own MAC) rather than bridged.
     EtherDaddrNotMachine,
+    /// `iifname . meta l4proto . th dport @egress_ports`: the source
+    /// bridge's own egress ports (single ports: a hash lookup), or with
+    /// `ranges` its port ranges in `@egress_port_ranges` (an interval set).
+    EgressPorts {
+        ranges: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -179,8 +233,8 @@ pub enum Action {
     /// `iifname vmap @protected_open`: a bridge that policies open towards
     /// networks jumps to its chain of them.
     ProtectedOpenVmap,
-    /// `iifname vmap @egress`: a domain whose internet is restricted jumps
-    /// to its egress chain.
+    /// `iifname vmap @egress`: a domain whose internet is restricted is
+    /// dropped or jumps to its egress chain ([`HostPlan::egress_target`]).
     EgressVmap,
     /// `oifname vmap @inbound`: a bridge some policy opens to networks
     /// outside jumps to its inbound chain.
@@ -256,16 +310,44 @@ impl HostPlan {
                 rules: net_rules(nets, Cond::SaddrNet),
             });
         }
+        if self.needs_outside_chain() {
+            chains.push(self.outside_chain());
+        }
+        if self.needs_restricted_chain() {
+            chains.push(self.restricted_chain());
+        }
+        for (index, ports) in self.egress_lists.iter().enumerate() {
+            let mut rules: Vec<Rule> = port_rules(ports, vec![]).collect();
+            rules.extend(self.egress_denied());
+            chains.push(Chain {
+                name: egress_list_chain_name(index),
+                hook: None,
+                why: Some(
+                    "An egress port list that several restricted domains share: its ports, the \
+                     rest dropped.",
+                ),
+                pair: None,
+                rules,
+            });
+        }
         for (from, rules) in &self.egress {
+            if rules.nets.is_empty() {
+                continue;
+            }
+            let mut net = net_rules(&rules.nets, Cond::DaddrNet);
+            net.push(match self.ports_target(rules) {
+                EgressTarget::Drop => Rule::new(vec![], Action::Drop),
+                EgressTarget::Chain(chain) => Rule::new(vec![], Action::Jump(chain)),
+            });
             chains.push(Chain {
                 name: egress_chain_name(from),
                 hook: None,
                 why: Some(
-                    "What this domain may send to interfaces that are not domain bridges (its \
-                     egress ports and policies to networks); the rest is dropped.",
+                    "What the policies of this restricted domain open towards networks outside; \
+                     then its egress ports, and the rest is dropped.",
                 ),
                 pair: None,
-                rules: self.egress_rules(rules),
+                rules: net,
             });
         }
         for ((from, to), pair) in &self.pairs {
@@ -297,43 +379,24 @@ impl HostPlan {
                  most packets take. Invalid packets go to their own chain, new ones go on.",
             ));
         }
-        for (family, used) in [
-            (Family::V4, !self.protected_v4.is_empty()),
-            (Family::V6, !self.protected_v6.is_empty()),
-        ] {
-            if used {
-                rules.push(
-                    Rule::new(
-                        vec![
-                            Oif(IfSel::NotDomainish),
-                            Iif(IfSel::Known),
-                            DaddrProtected(family),
-                        ],
-                        Action::Jump(PROTECTED_CHAIN.into()),
-                    )
-                    .why(
-                        "Protected networks (the LAN, management, cluster networks): no domain \
-                         reaches them outside the domains, whatever its internet setting, except \
-                         through a policy. One interval lookup per new egress packet.",
-                    ),
-                );
-            }
-        }
-        if !self.egress.is_empty() {
-            rules.push(
-                Rule::new(vec![Oif(IfSel::NotDomainish)], Action::EgressVmap).why(
-                    "Domains whose internet is restricted: one lookup on the source bridge sends \
-                     them to their egress chain; the others go on.",
-                ),
-            );
-        }
-        rules.push(
+        rules.push(if self.needs_outside_chain() {
+            Rule::new(
+                vec![Oif(IfSel::NotDomainish)],
+                Action::Jump(OUTSIDE_CHAIN.into()),
+            )
+            .why(
+                "Towards anything that is not a domain bridge (the internet, other interfaces): \
+                 one lookup, then the protected networks and restricted domains in their own \
+                 chain, which ends in accept. Unidirectional flows stay \"new\" for conntrack, \
+                 so this is the path most of their packets take.",
+            )
+        } else {
             Rule::new(vec![Oif(IfSel::NotDomainish)], Action::Accept).why(
                 "Towards anything that is not a domain bridge (the internet, other interfaces): \
                  egress leaves after one lookup. Unidirectional flows stay \"new\" for conntrack, \
                  so this is the path most of their packets take.",
-            ),
-        );
+            )
+        });
         let mut first = true;
         for (family, used) in [
             (Family::V4, !self.isolated_subnets_v4().is_empty()),
@@ -458,14 +521,149 @@ impl HostPlan {
         }
     }
 
-    fn egress_rules(&self, e: &super::EgressRules) -> Vec<Rule> {
-        let mut rules: Vec<Rule> = port_rules(&e.ports, vec![]).collect();
-        rules.extend(net_rules(&e.nets, Cond::DaddrNet));
+    /// Egress needs more than `accept` when some network is protected or
+    /// some domain restricted.
+    fn needs_outside_chain(&self) -> bool {
+        self.has_protected() || !self.egress.is_empty()
+    }
+
+    /// What the `egress` map does with a restricted domain. No chain per
+    /// domain: 1000 of them took `nft -f` over its bar (144 ms); only a
+    /// domain whose policies open networks has its own.
+    pub fn egress_target(&self, bridge: &IfName, rules: &super::EgressRules) -> EgressTarget {
+        if rules.nets.is_empty() {
+            self.ports_target(rules)
+        } else {
+            EgressTarget::Chain(egress_chain_name(bridge))
+        }
+    }
+
+    /// Where a restricted domain's egress ports are checked: the chain of
+    /// its list when other domains share it, else the shared chain and the
+    /// `egress_ports` set (a closed domain: drop, or that chain to log).
+    fn ports_target(&self, rules: &super::EgressRules) -> EgressTarget {
+        if let Ok(index) = self.egress_lists.binary_search(&rules.ports) {
+            EgressTarget::Chain(egress_list_chain_name(index))
+        } else if rules.ports.is_empty() && self.logging.is_none() {
+            EgressTarget::Drop
+        } else {
+            EgressTarget::Chain(RESTRICTED_CHAIN.into())
+        }
+    }
+
+    fn needs_restricted_chain(&self) -> bool {
+        self.egress
+            .values()
+            .any(|r| self.ports_target(r) == EgressTarget::Chain(RESTRICTED_CHAIN.into()))
+    }
+
+    /// Whether a restricted domain's ports are elements of `egress_ports`:
+    /// it has ports, and no other domain shares its list.
+    pub fn in_egress_ports(&self, rules: &super::EgressRules) -> bool {
+        !rules.ports.is_empty() && self.egress_lists.binary_search(&rules.ports).is_err()
+    }
+
+    /// The elements of `egress_ports` (single ports) or, with `ranges`,
+    /// of `egress_port_ranges`.
+    pub fn egress_port_elements(
+        &self,
+        ranges: bool,
+    ) -> impl Iterator<Item = (&IfName, Protocol, PortSpan)> + '_ {
+        self.egress
+            .iter()
+            .filter(|(_, r)| self.in_egress_ports(r))
+            .flat_map(move |(b, r)| {
+                r.ports
+                    .iter()
+                    .filter(move |(_, s)| is_range(*s) == ranges)
+                    .map(move |(p, s)| (b, *p, *s))
+            })
+    }
+
+    /// Whether `egress_ports` (or `egress_port_ranges`) has elements.
+    pub fn has_egress_ports(&self, ranges: bool) -> bool {
+        self.egress_port_elements(ranges).next().is_some()
+    }
+
+    /// The end of every egress chain: log (when logging) and drop.
+    fn egress_denied(&self) -> Vec<Rule> {
+        let mut rules = Vec::new();
         if let Some(log) = self.log("DENY-EGRESS") {
             rules.push(Rule::new(vec![], log));
         }
         rules.push(Rule::new(vec![], Action::Drop));
         rules
+    }
+
+    fn outside_chain(&self) -> Chain {
+        use Cond::*;
+        let mut rules: Vec<Rule> = Vec::new();
+        for (family, used) in [
+            (Family::V4, !self.protected_v4.is_empty()),
+            (Family::V6, !self.protected_v6.is_empty()),
+        ] {
+            if used {
+                // The address first: a packet of the other family stops at
+                // the protocol compare nft puts before it, and one to the
+                // internet at the interval lookup.
+                let rule = Rule::new(
+                    vec![DaddrProtected(family), Iif(IfSel::Known)],
+                    Action::Jump(PROTECTED_CHAIN.into()),
+                );
+                rules.push(if rules.is_empty() {
+                    rule.why(
+                        "Protected networks (the LAN, management, cluster networks): no domain \
+                         reaches them outside the domains, whatever its internet setting, except \
+                         through a policy. One interval lookup per new egress packet.",
+                    )
+                } else {
+                    rule
+                });
+            }
+        }
+        if !self.egress.is_empty() {
+            rules.push(Rule::new(vec![], Action::EgressVmap).why(
+                "Domains whose internet is restricted: one lookup on the source bridge drops a \
+                 closed one or sends it to the chain of its port list; the others go on.",
+            ));
+        }
+        rules.push(Rule::new(vec![], Action::Accept));
+        Chain {
+            name: OUTSIDE_CHAIN.into(),
+            hook: None,
+            why: Some(
+                "A new packet from any interface towards one that is not a domain bridge (the \
+                 internet, other interfaces).",
+            ),
+            pair: None,
+            rules,
+        }
+    }
+
+    fn restricted_chain(&self) -> Chain {
+        let mut rules = Vec::new();
+        // Single ports in a hash set (one hash lookup per packet, whatever
+        // the number of domains), ranges apart in an interval set.
+        for ranges in [false, true] {
+            if self.has_egress_ports(ranges) {
+                rules.push(Rule::new(
+                    vec![Cond::EgressPorts { ranges }],
+                    Action::Accept,
+                ));
+            }
+        }
+        rules.extend(self.egress_denied());
+        Chain {
+            name: RESTRICTED_CHAIN.into(),
+            hook: None,
+            why: Some(
+                "What restricted domains whose port list no other domain shares may send \
+                 outside the domains: their egress ports, one lookup keyed by source bridge (no \
+                 chain per domain); the rest is dropped.",
+            ),
+            pair: None,
+            rules,
+        }
     }
 
     fn invalid_chain(&self) -> Chain {
@@ -712,8 +910,21 @@ impl Cond {
                 format!("iifname . oifname . ip6 saddr . ip6 daddr @{ROUTED_INSIDE_V6}")
             }
             Cond::EtherDaddrNotMachine => format!("ether daddr != @{MACHINE_MACS}"),
+            Cond::EgressPorts { ranges } => format!(
+                "iifname . meta l4proto . th dport @{}",
+                if *ranges {
+                    EGRESS_PORT_RANGES
+                } else {
+                    EGRESS_PORTS
+                }
+            ),
         }
     }
+}
+
+/// A span of more than one port (an interval element).
+pub fn is_range(span: PortSpan) -> bool {
+    span.first() != span.last()
 }
 
 fn ip_of(a: &IpAddr) -> &'static str {

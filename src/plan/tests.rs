@@ -376,6 +376,50 @@ fn restricted_internet_keeps_only_its_ports_and_policies_to_networks() {
 }
 
 #[test]
+fn shared_egress_lists_keep_each_domains_verdicts() {
+    // a and b share a list (one chain), c has its own (egress_ports), d
+    // shares a's list and has a policy to a network (its chain, then the
+    // list's), e is closed (a plain drop in the map).
+    let list = json!([{"protocol": "udp", "port": 53}, {"protocol": "tcp", "port": "443-444"}]);
+    let (plan, _) = plan_with_edges(
+        &["net-a", "net-b", "net-c", "net-d", "net-e", "net-f"],
+        None,
+        &[],
+        json!([{"from": "d", "to": "198.51.100.0/24", "ports": [22]}]),
+        json!({"a": {"egress": list}, "b": {"egress": list}, "d": {"egress": list},
+               "c": {"egress": [{"protocol": "tcp", "port": 22}]}, "e": {"internet": false}}),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(plan.egress_lists.len(), 1, "{:?}", plan.egress_lists);
+    let chains: Vec<String> = plan.chains().into_iter().map(|c| c.name).collect();
+    assert!(chains.contains(&"egress-list/0".to_string()), "{chains:?}");
+    assert!(!chains
+        .iter()
+        .any(|c| c == "egress/net-a" || c == "egress/net-c"));
+    let (src, up, net) = (v4("10.9.0.5"), v4("192.0.2.7"), v4("198.51.100.9"));
+    let cases = [
+        ("net-a", up, L4::Tcp(444), Verdict::Accept),
+        ("net-b", up, L4::Udp(53), Verdict::Accept),
+        ("net-b", up, L4::Tcp(22), Verdict::Drop),
+        ("net-c", up, L4::Tcp(22), Verdict::Accept),
+        ("net-c", up, L4::Tcp(443), Verdict::Drop),
+        ("net-d", net, L4::Tcp(22), Verdict::Accept),
+        ("net-d", up, L4::Tcp(22), Verdict::Drop),
+        ("net-d", up, L4::Tcp(443), Verdict::Accept),
+        ("net-e", up, L4::Udp(53), Verdict::Drop),
+        ("net-f", up, L4::Tcp(22), Verdict::Accept),
+    ];
+    for (iif, dst, l4, want) in cases {
+        assert_eq!(
+            plan.forward_verdict(&fwd(iif, "eth0", src, dst, l4)),
+            want,
+            "{iif} -> {dst} {l4:?}"
+        );
+    }
+}
+
+#[test]
 fn protected_networks_are_closed_to_every_domain_but_through_a_policy() {
     let (plan, warnings) = plan_with_edges(
         &[ADMIN, PRO, PERSO],

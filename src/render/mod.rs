@@ -10,10 +10,11 @@ use crate::plan::machines::{
     MACHINE_OPEN_V4, MACHINE_OPEN_V6, MACHINE_SERVICES_V4, MACHINE_SERVICES_V6,
 };
 use crate::plan::rules::{
-    egress_chain_name, inbound_chain_name, pair_chain_name, protected_chain_name, Chain, DENY_LOG,
-    DOMAIN_BRIDGES, EGRESS, GATEWAY_SERVICES, HOST_DENY_LOG, HOST_OPEN, HOST_OPEN_V4, HOST_OPEN_V6,
-    HOST_SERVICES, HOST_SERVICES_V4, HOST_SERVICES_V6, INBOUND, LOG_BUDGET, MACHINE_MACS, PAIRS,
-    PROTECTED_OPEN, PROTECTED_V4, PROTECTED_V6, ROUTED_INSIDE_V4, ROUTED_INSIDE_V6,
+    inbound_chain_name, pair_chain_name, protected_chain_name, Chain, EgressTarget, DENY_LOG,
+    DOMAIN_BRIDGES, EGRESS, EGRESS_PORTS, EGRESS_PORT_RANGES, GATEWAY_SERVICES, HOST_DENY_LOG,
+    HOST_OPEN, HOST_OPEN_V4, HOST_OPEN_V6, HOST_SERVICES, HOST_SERVICES_V4, HOST_SERVICES_V6,
+    INBOUND, LOG_BUDGET, MACHINE_MACS, PAIRS, PROTECTED_OPEN, PROTECTED_V4, PROTECTED_V6,
+    ROUTED_INSIDE_V4, ROUTED_INSIDE_V6,
 };
 use crate::plan::{HostAddrExceptions, HostPlan, PairExceptions, PortSet};
 use anyhow::Context;
@@ -311,6 +312,28 @@ fn sets(plan: &HostPlan) -> Vec<SetView> {
                 .collect(),
         });
     }
+    for (name, ranges, why) in [
+        (
+            EGRESS_PORTS,
+            false,
+            "Egress ports of restricted domains whose list no other domain shares (the domains \
+             option), by source bridge.",
+        ),
+        (EGRESS_PORT_RANGES, true, "The same for their port ranges."),
+    ] {
+        if plan.has_egress_ports(ranges) {
+            sets.push(SetView {
+                name,
+                why: wrap(why),
+                type_: "ifname . inet_proto . inet_service".into(),
+                interval: ranges,
+                elements: plan
+                    .egress_port_elements(ranges)
+                    .map(|(b, p, s)| format!("{} . {} . {s}", quoted(b), p.as_str()))
+                    .collect(),
+            });
+        }
+    }
     let host = &plan.host;
     if !host.open.is_empty() {
         sets.push(SetView {
@@ -374,14 +397,17 @@ fn maps(plan: &HostPlan) -> Vec<MapView> {
         maps.push(MapView {
             name: EGRESS,
             why: wrap(
-                "Domains whose internet is restricted -> the chain of what they may still send \
-                 outside the domains.",
+                "Domains whose internet is restricted -> drop (closed, not logged), or the chain \
+                 of what they may still send outside the domains.",
             ),
             type_: "ifname : verdict",
             elements: plan
                 .egress
-                .keys()
-                .map(|b| format!("{} : jump {}", quoted(b), egress_chain_name(b)))
+                .iter()
+                .map(|(b, rules)| match plan.egress_target(b, rules) {
+                    EgressTarget::Drop => format!("{} : drop", quoted(b)),
+                    EgressTarget::Chain(chain) => format!("{} : jump {chain}", quoted(b)),
+                })
                 .collect(),
         });
     }
