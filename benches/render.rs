@@ -8,14 +8,17 @@
 //! - the render module end to end (args, plan, render, `nft -c`, write) with
 //!   an explicit 1000-bridge list (bar: < 250 ms);
 //! - the same three with issue 9's domain edges: every domain with egress
-//!   settings and 100 (then 200) protected networks.
+//!   settings and 100 (then 200) protected networks;
+//! - plan + render and `nft -f` with every domain isolating its machines
+//!   (two machines each, a policy between them): the bridge table at its
+//!   largest.
 //!
 //! Run with `make bench` (root: namespaces). Nothing outside the throwaway
 //! namespaces and a temporary directory is touched.
 
 use anklume_isolation::model::{
     parse_protected_networks, BridgePattern, DomainBridge, DomainSettings, GatewayServices, IfName,
-    PolicySpec, TableName, World,
+    Machine, Name, PolicySpec, TableName, World,
 };
 use anklume_isolation::plan::{Capabilities, HostPlan, HostPlanInput};
 use anklume_isolation::render;
@@ -134,6 +137,65 @@ fn render_with_edges(
     render::host(&plan).unwrap()
 }
 
+/// Every domain isolates its machines: each bridge gets a subnet in both
+/// families and two machines (`m<i>a`, `m<i>b`, known MACs and addresses),
+/// and one policy per domain opens tcp/22 from the first to the second, on
+/// top of the 1000 domain policies.
+fn isolated_world(bridges: &[DomainBridge]) -> (Vec<DomainBridge>, Vec<Machine>, DomainSettings) {
+    let mut with_subnets = bridges.to_vec();
+    let mut machines = Vec::new();
+    let mut raw = std::collections::BTreeMap::new();
+    for (i, b) in with_subnets.iter_mut().enumerate() {
+        let (x, y) = (100 + i / 250, i % 250);
+        b.ipv4 = Some(format!("10.{x}.{y}.0/24").parse().unwrap());
+        b.ipv6 = Some(format!("fd42:{i:x}::/64").parse().unwrap());
+        b.subnets_known = true;
+        for (suffix, host) in [("a", 10u8), ("b", 11u8)] {
+            let name = Name::new("machine", &format!("m{i}{suffix}")).unwrap();
+            let mut m = Machine::new(name, "default", b.bridge.clone());
+            m.ipv4.insert(format!("10.{x}.{y}.{host}").parse().unwrap());
+            m.ipv6
+                .insert(format!("fd42:{i:x}::{host}").parse().unwrap());
+            m.hwaddr = Some(
+                format!("10:66:6a:{:02x}:{:02x}:{host:02x}", i / 256, i % 256)
+                    .parse()
+                    .unwrap(),
+            );
+            m.mac_filtering = true;
+            m.ipv4_filtering = true;
+            m.ipv6_filtering = true;
+            machines.push(m);
+        }
+        raw.insert(format!("d{i}"), json!({"isolate_machines": true}));
+    }
+    (with_subnets, machines, DomainSettings::parse(&raw).unwrap())
+}
+
+fn render_isolated(
+    bridges: &[DomainBridge],
+    machines: &[Machine],
+    specs: &[PolicySpec],
+    settings: &DomainSettings,
+) -> String {
+    let world = World::new(bridges, machines);
+    let resolved = specs.iter().map(|s| world.resolve(s).unwrap()).collect();
+    let (mut plan, _) = HostPlan::build(HostPlanInput {
+        protected_networks: vec![],
+        domain_settings: settings.clone(),
+        table: TableName::new("anklume_bench").unwrap(),
+        pattern: BridgePattern::new("net-").unwrap(),
+        bridges,
+        admin: None,
+        policies: resolved,
+        gateway: GatewayServices::defaults(),
+        logging: None,
+        capabilities: Capabilities::ALL,
+    })
+    .unwrap();
+    let _warnings = plan.add_machines(machines);
+    render::host(&plan).unwrap()
+}
+
 /// The design the sets replace: one drop rule per ordered pair of bridges.
 fn rule_per_pair(names: &[String]) -> String {
     let mut text = String::from(
@@ -223,6 +285,35 @@ fn main() {
             edges_load.as_secs_f64() * 1e3
         );
     }
+    // Isolation inside every domain: the bridge table at its largest.
+    let (iso_bridges, machines, iso_settings) = isolated_world(&bridges);
+    let mut raw_policies = policies();
+    raw_policies.extend(
+        (0..DOMAINS)
+            .map(|i| json!({"from": format!("m{i}a"), "to": format!("m{i}b"), "ports": [22]})),
+    );
+    let iso_specs = PolicySpec::parse_all(&raw_policies).unwrap();
+    let iso_time = time(30, || {
+        render_isolated(&iso_bridges, &machines, &iso_specs, &iso_settings)
+    });
+    let iso_text = render_isolated(&iso_bridges, &machines, &iso_specs, &iso_settings);
+    println!(
+        "plan+render {DOMAINS} domains each isolating its machines ({} machines, {} policies): \
+         median {:.2} ms ({} bytes, {} lines)",
+        machines.len(),
+        iso_specs.len(),
+        iso_time.as_secs_f64() * 1e3,
+        iso_text.len(),
+        iso_text.lines().count()
+    );
+    let iso_path = dir.path().join("isolated.nft");
+    std::fs::write(&iso_path, &iso_text).unwrap();
+    let iso_load = time(9, || nft_in_netns(None, &iso_path));
+    println!(
+        "nft -f of that ruleset (fresh netns, with unshare): median {:.1} ms",
+        iso_load.as_secs_f64() * 1e3
+    );
+
     let sets = dir.path().join("sets.nft");
     std::fs::write(&sets, &text).unwrap();
     let unshare_alone = time(9, || {
