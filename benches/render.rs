@@ -119,9 +119,22 @@ fn render_with_edges(
     settings: &DomainSettings,
     protected: &[ipnet::IpNet],
 ) -> String {
-    let world = World::new(bridges, &[]);
+    render_world(bridges, &[], specs, settings, protected)
+}
+
+/// Plans and renders like the module does: policies resolved against the
+/// bridges and machines, then the machines handed to the plan (their MACs
+/// and addresses, for isolation inside a domain).
+fn render_world(
+    bridges: &[DomainBridge],
+    machines: &[Machine],
+    specs: &[PolicySpec],
+    settings: &DomainSettings,
+    protected: &[ipnet::IpNet],
+) -> String {
+    let world = World::new(bridges, machines);
     let resolved = specs.iter().map(|s| world.resolve(s).unwrap()).collect();
-    let (plan, _) = HostPlan::build(HostPlanInput {
+    let (mut plan, _) = HostPlan::build(HostPlanInput {
         protected_networks: protected.to_vec(),
         domain_settings: settings.clone(),
         table: TableName::new("anklume_bench").unwrap(),
@@ -134,6 +147,7 @@ fn render_with_edges(
         capabilities: Capabilities::ALL,
     })
     .unwrap();
+    let _warnings = plan.add_machines(machines);
     render::host(&plan).unwrap()
 }
 
@@ -169,31 +183,6 @@ fn isolated_world(bridges: &[DomainBridge]) -> (Vec<DomainBridge>, Vec<Machine>,
         raw.insert(format!("d{i}"), json!({"isolate_machines": true}));
     }
     (with_subnets, machines, DomainSettings::parse(&raw).unwrap())
-}
-
-fn render_isolated(
-    bridges: &[DomainBridge],
-    machines: &[Machine],
-    specs: &[PolicySpec],
-    settings: &DomainSettings,
-) -> String {
-    let world = World::new(bridges, machines);
-    let resolved = specs.iter().map(|s| world.resolve(s).unwrap()).collect();
-    let (mut plan, _) = HostPlan::build(HostPlanInput {
-        protected_networks: vec![],
-        domain_settings: settings.clone(),
-        table: TableName::new("anklume_bench").unwrap(),
-        pattern: BridgePattern::new("net-").unwrap(),
-        bridges,
-        admin: None,
-        policies: resolved,
-        gateway: GatewayServices::defaults(),
-        logging: None,
-        capabilities: Capabilities::ALL,
-    })
-    .unwrap();
-    let _warnings = plan.add_machines(machines);
-    render::host(&plan).unwrap()
 }
 
 /// The design the sets replace: one drop rule per ordered pair of bridges.
@@ -294,9 +283,9 @@ fn main() {
     );
     let iso_specs = PolicySpec::parse_all(&raw_policies).unwrap();
     let iso_time = time(30, || {
-        render_isolated(&iso_bridges, &machines, &iso_specs, &iso_settings)
+        render_world(&iso_bridges, &machines, &iso_specs, &iso_settings, &[])
     });
-    let iso_text = render_isolated(&iso_bridges, &machines, &iso_specs, &iso_settings);
+    let iso_text = render_world(&iso_bridges, &machines, &iso_specs, &iso_settings, &[]);
     println!(
         "plan+render {DOMAINS} domains each isolating its machines ({} machines, {} policies): \
          median {:.2} ms ({} bytes, {} lines)",

@@ -193,23 +193,19 @@ pub struct Evaluator<'a> {
 impl Evaluator<'_> {
     /// The verdict of the forward hook.
     pub fn forward(&self, p: &Forwarded<'_>) -> Verdict {
-        let packet = Packet {
-            iif: p.iif,
-            oif: p.oif,
-            src: p.src,
-            dst: Some(p.dst),
-            host_dst: None,
-            l4: p.l4,
-            ct: p.ct,
-            eth_dst: None,
-        };
-        self.base_verdict(FORWARD_CHAIN, &packet)
+        self.forward_to_mac(p, None)
     }
 
     /// The verdict of the inet forward hook for a frame bridged between two
     /// machines of one bridge that br_netfilter hands to it (`iif == oif`,
     /// addressed to the machine's own MAC).
     pub fn forward_bridged(&self, p: &Forwarded<'_>, dst_mac: MacAddr) -> Verdict {
+        self.forward_to_mac(p, Some(dst_mac))
+    }
+
+    /// The forward hook with the frame's destination MAC when it matters
+    /// (`None`: routed, addressed to the host).
+    fn forward_to_mac(&self, p: &Forwarded<'_>, eth_dst: Option<MacAddr>) -> Verdict {
         let packet = Packet {
             iif: p.iif,
             oif: p.oif,
@@ -218,7 +214,7 @@ impl Evaluator<'_> {
             host_dst: None,
             l4: p.l4,
             ct: p.ct,
-            eth_dst: Some(dst_mac),
+            eth_dst,
         };
         self.base_verdict(FORWARD_CHAIN, &packet)
     }

@@ -424,6 +424,13 @@ impl HostPlan {
                     .join(", ")
             );
         }
+        let (mut protected_v4, mut protected_v6) = (Vec::new(), Vec::new());
+        for net in &input.protected_networks {
+            match net {
+                ipnet::IpNet::V4(n) => protected_v4.push(*n),
+                ipnet::IpNet::V6(n) => protected_v6.push(*n),
+            }
+        }
 
         let mut plan = HostPlan {
             table: input.table,
@@ -435,26 +442,8 @@ impl HostPlan {
             inbound: BTreeMap::new(),
             egress: BTreeMap::new(),
             egress_lists: Vec::new(),
-            protected_v4: ipnet::Ipv4Net::aggregate(
-                &input
-                    .protected_networks
-                    .iter()
-                    .filter_map(|n| match n {
-                        ipnet::IpNet::V4(n) => Some(*n),
-                        ipnet::IpNet::V6(_) => None,
-                    })
-                    .collect(),
-            ),
-            protected_v6: ipnet::Ipv6Net::aggregate(
-                &input
-                    .protected_networks
-                    .iter()
-                    .filter_map(|n| match n {
-                        ipnet::IpNet::V6(n) => Some(*n),
-                        ipnet::IpNet::V4(_) => None,
-                    })
-                    .collect(),
-            ),
+            protected_v4: ipnet::Ipv4Net::aggregate(&protected_v4),
+            protected_v6: ipnet::Ipv6Net::aggregate(&protected_v6),
             protected_open: BTreeMap::new(),
             gateway: input.gateway,
             logging: None,
